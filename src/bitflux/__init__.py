@@ -1,0 +1,32 @@
+"""bitflux: 1.58-bit (ternary) FLUX diffusion transformers inside diffusers.
+
+Public API: `quantize` a FLUX transformer in place, `save` it packed, `load` it back without
+ever materialising dense weights, and run it in an ordinary `FluxPipeline`.
+"""
+
+from .checkpoint import load, save
+from .config import ActPrecision, Backend, InitMethod, PackFormat, QuantConfig
+from .errors import BitfluxError, CheckpointError, FormatError, ModelError, OutputExistsError
+from .linear import TernaryLinear
+from .quantize import quantize, set_activations, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActPrecision",
+    "Backend",
+    "BitfluxError",
+    "CheckpointError",
+    "FormatError",
+    "InitMethod",
+    "ModelError",
+    "OutputExistsError",
+    "PackFormat",
+    "QuantConfig",
+    "TernaryLinear",
+    "load",
+    "quantize",
+    "save",
+    "set_activations",
+    "set_backend",
+]

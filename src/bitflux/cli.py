@@ -1,0 +1,69 @@
+"""The `bitflux` command line: one sub-command per module, errors as one line and exit code 2.
+
+Each command module exports `register(subparsers)`, which adds its parser and sets `func`,
+a callable taking the parsed `argparse.Namespace` and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from .errors import BitfluxError
+
+# Modules that contribute sub-commands, in `--help` order. A missing optional module is skipped.
+_COMMAND_MODULES = (
+    "bitflux.commands",  # quantize, generate, inspect
+    "bitflux.calibrate_cmd",  # calibrate
+    "bitflux.eval.commands",  # eval
+    "bitflux.bench.commands",  # bench
+    "bitflux.toy.commands",  # toy train / toy render
+)
+
+
+def print_result(obj: dict[str, Any], as_json: bool, text: str | None = None) -> None:
+    """Print one JSON object (for scripts) or human text."""
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        print(text if text is not None else "\n".join(f"{k}: {v}" for k, v in obj.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitflux",
+        description="1.58-bit (ternary) FLUX: quantise, calibrate, inspect, run and measure.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # the command module itself is absent: skip it
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except BitfluxError as e:
+        print(f"bitflux: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitflux: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
