@@ -141,6 +141,7 @@ def quant_config_from(config: dict[str, Any], where: Path) -> QuantConfig:
             activations=qc.get("activations", "bf16"),
             policy=qc.get("policy", "flux"),
             modules_not_converted=tuple(qc.get("modules_not_converted", ())),
+            source=str(qc.get("source", "")),
         )
     except ValueError as e:
         raise CheckpointError(f"{where}: bad quantization_config: {e}") from None
@@ -160,19 +161,24 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def build_meta(config: dict[str, Any], qconfig: QuantConfig | None) -> nn.Module:
-    """The model described by `config` on the meta device, quantised per `qconfig` if given."""
+def build_meta(config: dict[str, Any], qconfig: QuantConfig | None, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The model described by `config` on the meta device in `dtype`, quantised per `qconfig` if given."""
     from diffusers import FluxTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
 
     cls_name = config.get("_class_name", "FluxTransformer2DModel")
     if cls_name != "FluxTransformer2DModel":
         raise ModelError(f"not a FLUX transformer (config says {cls_name!r}); bitflux supports FluxTransformer2DModel")
     kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # silence the "cast with .to()" advice: meta tensors only
     try:
         with torch.device("meta"):
-            model = FluxTransformer2DModel.from_config(kwargs)
+            model = FluxTransformer2DModel.from_config(kwargs).to(dtype)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config.json does not describe a valid FLUX transformer: {e}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
     if qconfig is not None:
         quantize(model, qconfig)
     return model
@@ -184,7 +190,7 @@ def _read_tensors(files: list[Path], device: str) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(f), framework="pt", device=device) as fh:
                 for k in fh.keys():
-                    state[k] = fh.get_tensor(k)
+                    state[k] = fh.get_tensor(k).clone()  # own, aligned storage
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{f}: truncated or corrupted safetensors file ({str(e).splitlines()[0]})") from None
     return state
@@ -256,6 +262,23 @@ def is_bitflux_dir(path: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def stored_tensor_bytes(files: list[Path]) -> int:
+    """Bytes of the tensors in safetensors files, read from their headers (nothing is loaded)."""
+    total = 0
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    total += math.prod(sl.get_shape()) * _DTYPE_BYTES[sl.get_dtype()]
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: truncated or corrupted safetensors file ({str(e).splitlines()[0]})") from None
+    return total
+
+
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
 
 
 def tensor_bytes(state: dict[str, torch.Tensor]) -> int:

@@ -65,6 +65,7 @@ class QuantConfig:
     activations: ActPrecision = ActPrecision.BF16  # activation precision at inference
     policy: str = "flux"  # name of the module policy (bitflux.policies)
     modules_not_converted: tuple[str, ...] = field(default_factory=tuple)  # filled by quantize()
+    source: str = ""  # where the full-precision model came from (pipeline dir, hub id, bundled name)
 
     def __post_init__(self) -> None:
         # Accept plain strings (from JSON or the CLI) and normalise them to the enums.
@@ -84,4 +85,5 @@ class QuantConfig:
             "activations": self.activations.value,
             "policy": self.policy,
             "modules_not_converted": list(d["modules_not_converted"]),
+            "source": self.source,
         }

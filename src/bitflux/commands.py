@@ -1,0 +1,167 @@
+"""The trunk's sub-commands: `quantize`, `generate`, `inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from .cli import print_result
+from .config import ActPrecision, Backend, InitMethod, PackFormat, QuantConfig
+from .errors import ModelError, OutputExistsError
+from .inspect import ARCHS, inspect_arch, inspect_path
+
+_DTYPES = {"keep": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return None if _DTYPES[name] is None else getattr(torch, _DTYPES[name])
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def _size_text(r: dict) -> str:
+    return (
+        f"{r['model']}: {r['params']:,} params, {r['ternary_fraction']:.4%} ternary ({r['format']}), "
+        f"{_fmt_bytes(r['bytes'])} vs {_fmt_bytes(r['bf16_bytes'])} bf16 = {r['ratio']:.3f}x smaller"
+    )
+
+
+# ---------------------------------------------------------------------------------------- quantize
+def _quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import save
+    from .inspect import size_report
+    from .pipeline import load_full_transformer
+    from .quantize import quantize
+
+    if Path(args.out).exists():
+        raise OutputExistsError(f"output path exists: {args.out} (bitflux never overwrites)")
+    t0 = time.perf_counter()
+    model = load_full_transformer(args.src, _torch_dtype(args.dtype))
+    cfg = QuantConfig(format=args.format, init=args.init, activations=args.activations, source=args.src)
+    quantize(model, cfg, progress=not args.json)
+    save(model, args.out)
+    report = {"out": args.out, **size_report(model), "seconds": round(time.perf_counter() - t0, 2)}
+    print_result(report, args.json, f"wrote {args.out}\n" + _size_text({**report, "model": args.src}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- generate
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import load_pipeline, load_transformer, resolve
+
+    out = Path(args.output)
+    if out.exists():
+        raise OutputExistsError(f"output path exists: {out} (bitflux never overwrites)")
+    if not out.parent.exists():
+        raise ModelError(f"output directory does not exist: {out.parent}")
+    ref = resolve(args.model, args.base)
+    transformer = load_transformer(ref, activations=args.activations, backend=args.backend)
+    pipe = load_pipeline(ref, transformer)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    kwargs = {k: getattr(args, k) for k in ("height", "width", "guidance_scale") if getattr(args, k) is not None}
+    image = pipe(
+        args.prompt,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        **kwargs,
+    ).images[0]
+    seconds = time.perf_counter() - t0
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        image.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report = {
+        "output": str(out),
+        "pipeline": ref.pipeline,
+        "transformer": ref.transformer or "full precision",
+        "size": list(image.size),
+        "seconds": round(seconds, 2),
+    }
+    print_result(report, args.json, f"wrote {out} ({image.size[0]}x{image.size[1]}) in {seconds:.1f}s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- inspect
+def _inspect(args: argparse.Namespace) -> int:
+    if (args.path is None) == (args.arch is None):
+        raise ModelError("give either PATH or --arch NAME")
+    qconfig = QuantConfig(format=args.format)
+    if args.arch is not None:
+        report = inspect_arch(args.arch, qconfig)
+    else:
+        from .pipeline import bundled
+
+        path = bundled(args.path) or Path(args.path)
+        if not path.is_dir():
+            raise ModelError(f"no such model directory: {args.path}")
+        report = inspect_path(path, qconfig)
+    print_result(report, args.json, _size_text(report))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    choices = lambda enum: [e.value for e in enum]  # noqa: E731
+
+    p = sub.add_parser(
+        "quantize",
+        help="ternarise a FLUX transformer and save it packed",
+        description="Ternarise the block Linears of a FLUX transformer (no data needed) and write a "
+        "bitflux checkpoint directory: config.json + packed safetensors.",
+    )
+    p.add_argument("src", help="diffusers pipeline dir, transformer dir, bundled name (toy) or hub id")
+    p.add_argument("out", help="new output directory (must not exist)")
+    p.add_argument("--format", default="2bit", choices=choices(PackFormat), help="packing format (default 2bit)")
+    p.add_argument("--init", default="absmean", choices=choices(InitMethod), help="ternarisation (default absmean)")
+    p.add_argument("--activations", default="bf16", choices=choices(ActPrecision), help="activation precision")
+    p.add_argument("--dtype", default="keep", choices=list(_DTYPES), help="dtype of kept layers (default: as stored)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_quantize)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate an image with a (quantised) FLUX pipeline",
+        description="Generate one image. MODEL is a bundled name (toy, toy-1.58bit), a pipeline "
+        "directory, or a bitflux transformer directory (paired with --base or its recorded source).",
+    )
+    p.add_argument("model", help="bundled name, pipeline directory or quantised transformer directory")
+    p.add_argument("prompt", help="text prompt")
+    p.add_argument("-o", "--output", required=True, help="image file to write (must not exist)")
+    p.add_argument("--base", help="pipeline (dir or hub id) giving text encoders and VAE for a bare transformer")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    p.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=float, help="guidance (default: pipeline's)")
+    p.add_argument("--activations", choices=choices(ActPrecision), help="override activation precision")
+    p.add_argument("--backend", choices=choices(Backend), help="force a kernel backend (default auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser(
+        "inspect",
+        help="parameter counts, ternary fraction and bytes vs bf16",
+        description="Size report of a model directory (as stored if quantised, else as it would be) or "
+        "of a named architecture built on the meta device (no download).",
+    )
+    p.add_argument("path", nargs="?", help="model/pipeline directory or bundled name")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="a known architecture instead of PATH")
+    p.add_argument("--format", default="2bit", choices=choices(PackFormat), help="format for unquantised models")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_inspect)

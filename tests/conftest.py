@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny FLUX transformers built in code (no download), and their inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+TINY = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=24,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
+def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> FluxTransformer2DModel:
+    """A randomly initialised FLUX transformer with both block kinds, a few hundred KB."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**{**TINY, **overrides}).to(dtype).eval()
+
+
+def flux_inputs(model: FluxTransformer2DModel, seed: int = 1, tokens: int = 16, text: int = 8) -> dict:
+    """Deterministic forward() kwargs for `model`."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    kw = dict(
+        hidden_states=torch.randn(1, tokens, cfg.in_channels, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, generator=g).to(dtype),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dtype),
+        timestep=torch.tensor([0.5], dtype=dtype),
+        img_ids=torch.zeros(tokens, 3),
+        txt_ids=torch.zeros(text, 3),
+    )
+    if cfg.guidance_embeds:
+        kw["guidance"] = torch.tensor([3.5], dtype=dtype)
+    return kw
+
+
+@pytest.fixture
+def tiny():
+    return tiny_flux()
