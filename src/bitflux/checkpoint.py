@@ -278,6 +278,21 @@ def stored_tensor_bytes(files: list[Path]) -> int:
     return total
 
 
+def stored_float_dtype(path: Path) -> torch.dtype:
+    """The dtype of the first floating-point tensor stored in a model directory (bf16 if none)."""
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    for f in weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    dt = fh.get_slice(k).get_dtype()
+                    if dt in names:
+                        return names[dt]
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: truncated or corrupted safetensors file ({str(e).splitlines()[0]})") from None
+    return torch.bfloat16
+
+
 _DTYPE_BYTES = {"U8": 1, "I8": 1, "F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
 
 

@@ -14,6 +14,7 @@ from .checkpoint import (
     quant_config_from,
     read_json,
     state_to_save,
+    stored_float_dtype,
     stored_tensor_bytes,
     tensor_bytes,
     weight_files,
@@ -79,7 +80,8 @@ def inspect_path(path: str | Path, qconfig: QuantConfig) -> dict[str, Any]:
     quantised = is_bitflux_dir(path)
     if quantised:
         qconfig = quant_config_from(config, path)
-    report = {"model": str(path), "quantized": quantised, **size_report(build_meta(config, qconfig))}
+    dtype = stored_float_dtype(path)  # kept layers stay in the stored dtype, as `quantize` does
+    report = {"model": str(path), "quantized": quantised, **size_report(build_meta(config, qconfig, dtype))}
     if quantised:  # what is really on disk: tensors by their headers, and whole files
         files = weight_files(path)
         report["stored_bytes"] = stored_tensor_bytes(files)

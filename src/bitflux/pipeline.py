@@ -5,14 +5,13 @@ Shared by `generate`, `eval` and the demo so every command accepts the same kind
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import is_bitflux_dir, load, read_json
+from .checkpoint import is_bitflux_dir, load, read_json, stored_float_dtype
 from .errors import ModelError
 
 
@@ -36,6 +35,12 @@ def bundled(name: str) -> Path | None:
         return None
 
 
+def is_hub_id(name: str) -> bool:
+    """Looks like "owner/repo" (not a path): only such names are sent to the model hub."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
+
+
 def resolve(model: str, base: str | None = None) -> ModelRef:
     """Classify MODEL; `base` names the pipeline to pair with a bare quantised transformer."""
     path = bundled(model) or Path(model)
@@ -47,9 +52,11 @@ def resolve(model: str, base: str | None = None) -> ModelRef:
             qc = read_json(path / "config.json").get("quantization_config", {})
             src = base or qc.get("source") or ""
             src_path = bundled(src) or Path(src)
-            if not src:
-                raise ModelError(f"{model}: a bare quantised transformer needs --base PIPELINE (text encoders, VAE)")
-            return ModelRef(str(src_path), str(path))
+            if (src_path / "model_index.json").is_file():
+                return ModelRef(str(src_path), str(path))
+            if base is not None and is_hub_id(base):
+                return ModelRef(base, str(path))
+            raise ModelError(f"{model}: a bare quantised transformer needs --base PIPELINE (text encoders, VAE)")
         if (path / "config.json").is_file():
             if base is None:
                 raise ModelError(f"{model}: a transformer directory needs --base PIPELINE (text encoders, VAE)")
@@ -57,8 +64,8 @@ def resolve(model: str, base: str | None = None) -> ModelRef:
         raise ModelError(f"{model}: not a diffusers pipeline or model directory (no model_index.json or config.json)")
     if path.exists():
         raise ModelError(f"{model}: not a directory")
-    if os.sep in model.strip("/") and not model.startswith((".", "/", "~")) and model.count("/") == 1:
-        return ModelRef(model, None)  # a hub id: only works with network access
+    if is_hub_id(model):
+        return ModelRef(model, None)  # only works with network access
     raise ModelError(f"no such model: {model} (not a bundled name, directory or hub id)")
 
 
@@ -101,10 +108,14 @@ def load_full_transformer(src: str, dtype: torch.dtype | None = None) -> nn.Modu
         if cfg.get("_class_name") != "FluxTransformer2DModel":
             raise ModelError(f"{src}: not a FLUX transformer (config says {cfg.get('_class_name')!r})")
         name = str(path)
+        if dtype is None:  # keep the stored dtype (diffusers would upcast to fp32)
+            dtype = stored_float_dtype(path)
     elif path.exists():
         raise ModelError(f"{src}: not a directory")
+    elif is_hub_id(src):
+        name, subfolder = src, "transformer"  # needs network
     else:
-        name, subfolder = src, "transformer"  # hub id (needs network)
+        raise ModelError(f"no such model: {src} (not a bundled name, directory or hub id)")
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
         return FluxTransformer2DModel.from_pretrained(name, subfolder=subfolder, **kwargs)
