@@ -1,0 +1,40 @@
+"""`bitflux bench --device cpu|cuda`: hands its remaining options to `bitflux.bench.<device>`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from ..errors import BitfluxError
+
+_MODULES = {"cpu": "bitflux.bench.cpu", "cuda": "bitflux.bench.gpu"}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        mod = importlib.import_module(_MODULES[args.device])
+    except ImportError as e:
+        raise BitfluxError(f"the {args.device} benchmark cannot be imported: {e}") from None
+    parser = argparse.ArgumentParser(prog=f"bitflux bench --device {args.device}")
+    mod.add_arguments(parser)
+    if args.device_help:
+        parser.print_help()
+        return 0
+    try:
+        margs = parser.parse_args(args.extra)
+    except SystemExit as e:  # argparse already printed the one-line usage error
+        raise BitfluxError("bad bench options (see `bitflux bench --device DEV --device-help`)") from e
+    return int(mod.main(margs) or 0)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure kernel and whole-model speed and memory (CPU or GPU)",
+        description="Benchmark ternary kernels against torch's float (and 8-bit) baselines measured in the "
+        "same run, then a whole model. Options after --device go to the device's benchmark; list them "
+        "with --device-help. Example: bitflux bench --device cpu --json",
+    )
+    p.add_argument("--device", choices=sorted(_MODULES), default="cpu", help="which benchmark (default cpu)")
+    p.add_argument("--device-help", action="store_true", help="list the chosen device benchmark's options")
+    p.set_defaults(func=_bench, passthrough=True)
