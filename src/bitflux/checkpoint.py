@@ -91,14 +91,25 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
-def save(model: nn.Module, out: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write a quantised model to the new directory `out` (atomic: temp dir + rename)."""
+def save(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    extra_json: dict[str, Any] | None = None,
+) -> Path:
+    """Write a quantised model to the new directory `out` (atomic: temp dir + rename).
+
+    `extra_json` maps file names to objects written beside config.json (e.g. calibration stats).
+    """
     state = state_to_save(model)
     config = model_config_dict(model)
     config["quantization_config"] = model.bitflux_config.to_dict()
     out, tmp = atomic_dir(out)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         shards = _shards({k: v.contiguous().cpu() for k, v in state.items()}, max_shard_bytes)
         meta = {"format": "pt", "quant_method": QUANT_METHOD, "bitflux_format": config["quantization_config"]["format"]}
         if len(shards) == 1:

@@ -1,0 +1,331 @@
+"""Data-free calibration: the full-precision transformer teaches its own ternary copy.
+
+No images are used. The teacher pipeline samples its own trajectories from text prompts with the
+pipeline's scheduler; a forward hook records every transformer call (latents, timestep, text
+states: exactly what the model sees at inference, classifier-free-guidance branches included).
+The student is the same transformer with each policy-selected Linear replaced by a
+`_FakeTernaryLinear`: a latent full-precision matrix U and per-row scales s, used as
+s * clip(round(U), -1, 1) with a straight-through gradient. It is trained to match the teacher's
+output (and optionally every block's output) at the recorded states, then re-ternarised into
+ordinary `TernaryLinear`s: the saved result is pure ternary codes + scales in the trunk's format.
+
+Runs are resumable: every `checkpoint_every` steps the trainable tensors, the optimiser state and
+the step are written atomically to `<OUT>.partial/`; the batch at each step is a pure function of
+(seed, step), so a killed and re-run calibration ends with exactly the uninterrupted result.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import InitMethod, PackFormat, QuantConfig
+from .errors import BitfluxError, CheckpointError
+from .linear import TernaryLinear
+from .policies import get_policy
+from .quantize import _set_submodule, quantize
+from .ternary import ternarize
+
+
+class TrainWhat(str, Enum):
+    """Which student tensors calibration updates."""
+
+    SCALES = "scales"
+    """Only the per-row scales; the codes stay those of the initialisation."""
+    LATENT = "latent"
+    """Latent weights (through the straight-through estimator) and scales."""
+    ALL = "all"
+    """Latent weights, scales and the ternary layers' biases."""
+
+
+class LossKind(str, Enum):
+    """What the student matches."""
+
+    OUTPUT = "output"
+    """The transformer's output (the velocity) at each recorded state."""
+    BLOCKS = "blocks"
+    """The output plus every double/single block's hidden states (feature matching)."""
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration options; the whole config is recorded in checkpoints to refuse mismatched resumes."""
+
+    init: InitMethod = InitMethod.TWN  # initial codes/scales
+    train: TrainWhat = TrainWhat.LATENT  # what is trained
+    loss: LossKind = LossKind.BLOCKS  # what is matched
+    format: PackFormat = PackFormat.TWO_BIT  # packing of the saved result
+    prompts: int = 256  # number of calibration prompts used
+    traj_steps: int = 8  # denoising steps of each teacher trajectory
+    steps: int = 600  # optimiser steps
+    batch: int = 16  # recorded transformer calls per step
+    lr: float = 2e-3  # Adam learning rate (latents live on a unit scale, see _FakeTernaryLinear)
+    seed: int = 0  # trajectories, batches
+    checkpoint_every: int = 100  # steps between resumable checkpoints (0: never)
+    pipe_kwargs: dict[str, Any] = field(default_factory=dict)  # extra FluxPipeline call arguments
+
+    def __post_init__(self) -> None:
+        for name, enum in (("init", InitMethod), ("train", TrainWhat), ("loss", LossKind), ("format", PackFormat)):
+            object.__setattr__(self, name, enum(getattr(self, name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=lambda e: e.value))
+
+
+# ------------------------------------------------------------------------------------------ student
+class _FakeTernaryLinear(nn.Module):
+    """Training-time ternary Linear: y = x @ (s * clip(round(U), -1, 1))^T + b, straight-through on U.
+
+    U is the weight divided by twice the row's ternarisation threshold, so round(U) reproduces
+    the initial codes exactly and |U| = 0.5 is the decision boundary for every row.
+    """
+
+    def __init__(self, linear: nn.Linear, init: InitMethod) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()  # (N, K)
+        codes, scale = ternarize(w, init)
+        mag = w.abs()
+        kept_min = torch.where(codes != 0, mag, torch.full_like(mag, math.inf)).amin(1)
+        dropped_max = torch.where(codes == 0, mag, torch.zeros_like(mag)).amax(1)
+        thresh = torch.where(torch.isinf(kept_min), dropped_max * 2 + 1e-8, (kept_min + dropped_max) / 2)
+        self.latent = nn.Parameter(w / (2 * thresh.clamp_min(1e-12))[:, None])  # (N, K)
+        self.scale = nn.Parameter(scale.clone())  # (N,)
+        b = linear.bias
+        self.bias = nn.Parameter(b.detach().float().clone()) if b is not None else None
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def codes(self) -> torch.Tensor:
+        return torch.round(self.latent.detach()).clamp_(-1, 1).to(torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.latent
+        q = u + (torch.round(u).clamp(-1, 1) - u).detach()  # STE: forward ternary, backward identity
+        w = q * self.scale[:, None]
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def build_student(teacher: nn.Module, config: CalibConfig) -> nn.Module:
+    """A float copy of `teacher` whose policy-selected Linears are `_FakeTernaryLinear`s."""
+    student = copy.deepcopy(teacher).float()
+    convert, _ = get_policy("flux").select(student)
+    for name in convert:
+        _set_submodule(student, name, _FakeTernaryLinear(student.get_submodule(name), config.init))
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for m in student.modules():
+        if isinstance(m, _FakeTernaryLinear):
+            m.scale.requires_grad_(True)
+            m.latent.requires_grad_(config.train is not TrainWhat.SCALES)
+            if m.bias is not None:
+                m.bias.requires_grad_(config.train is TrainWhat.ALL)
+    return student
+
+
+def finalize(teacher: nn.Module, student: nn.Module, config: CalibConfig, source: str = "") -> nn.Module:
+    """Re-ternarise the student into a trunk-format quantised copy of `teacher` (codes + scales)."""
+    model = copy.deepcopy(teacher)
+    quantize(model, QuantConfig(format=config.format, init=config.init, source=source))
+    for name, m in student.named_modules():
+        if isinstance(m, _FakeTernaryLinear):
+            tl: TernaryLinear = model.get_submodule(name)
+            sign = torch.where(m.scale.detach() < 0, -1, 1).to(torch.int8)  # keep s * T when s < 0
+            tl.set_codes(m.codes() * sign[:, None], m.scale.detach().abs())
+            if tl.bias is not None:
+                tl.bias.data.copy_(m.bias.detach())
+    return model
+
+
+# --------------------------------------------------------------------------------------- recording
+def record_states(pipe, prompts: list[str], config: CalibConfig, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Run the teacher pipeline on each prompt and record every transformer call's inputs."""
+    calls: list[dict[str, torch.Tensor]] = []
+
+    def hook(_mod, _args, kwargs):
+        calls.append({k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i, prompt in enumerate(tqdm(prompts, desc="teacher trajectories", disable=not progress)):
+            g = torch.Generator().manual_seed(config.seed * 1_000_003 + i)
+            pipe(prompt, num_inference_steps=config.traj_steps, generator=g, output_type="latent", **config.pipe_kwargs)
+    finally:
+        handle.remove()
+    return calls
+
+
+def _batch(calls: list[dict[str, torch.Tensor]], idx: list[int]) -> dict[str, torch.Tensor]:
+    """Concatenate recorded calls along the batch dimension (ids tensors are shared, not batched)."""
+    first = calls[idx[0]]
+    out = {}
+    for k, v in first.items():
+        if k in ("img_ids", "txt_ids"):
+            out[k] = v
+        else:
+            out[k] = torch.cat([calls[i][k] for i in idx])
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training
+def _block_outputs(model: nn.Module, store: list[torch.Tensor]) -> list:
+    def hook(_m, _a, out):
+        for t in out if isinstance(out, tuple) else (out,):
+            store.append(t)
+
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    return [b.register_forward_hook(hook) for b in blocks]
+
+
+def _nmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).square().mean() / b.float().square().mean().clamp_min(1e-8)
+
+
+def _trainable(student: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in student.named_parameters() if p.requires_grad}
+
+
+def _save_ckpt(work: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, config: CalibConfig) -> None:
+    params = _trainable(student)
+    tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
+    names = {id(p): n for n, p in params.items()}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            tensors[f"opt/{names[id(p)]}/{k}"] = v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+    tmp = work / f".state.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, work / "state.safetensors")
+    meta = {"step": step, "config": config.to_dict()}
+    (work / ".state.json.tmp").write_text(json.dumps(meta))
+    os.replace(work / ".state.json.tmp", work / "state.json")
+
+
+def _load_ckpt(work: Path, student: nn.Module, opt: torch.optim.Optimizer, config: CalibConfig) -> int:
+    meta = json.loads((work / "state.json").read_text())
+    if meta.get("config") != config.to_dict():
+        raise CheckpointError(f"{work}: resume checkpoint was made with a different calibration config")
+    tensors = load_file(str(work / "state.safetensors"))
+    params = _trainable(student)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param/{n}"])
+    for n, p in params.items():
+        st = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
+        if st:
+            if "step" in st:
+                st["step"] = st["step"].reshape(())
+            opt.state[p] = st
+    return int(meta["step"])
+
+
+def train(
+    teacher: nn.Module,
+    calls: list[dict[str, torch.Tensor]],
+    config: CalibConfig,
+    work: Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[nn.Module, list[float]]:
+    """Train a student to match `teacher` on the recorded `calls`; returns (student, loss history)."""
+    student = build_student(teacher, config)
+    teacher = teacher.float().eval()
+    params = list(_trainable(student).values())
+    opt = torch.optim.Adam(params, lr=config.lr)
+    start = 0
+    if work is not None and (work / "state.json").exists():
+        start = _load_ckpt(work, student, opt, config)
+    t_store: list[torch.Tensor] = []
+    s_store: list[torch.Tensor] = []
+    handles = []
+    if config.loss is LossKind.BLOCKS:
+        handles = _block_outputs(teacher, t_store) + _block_outputs(student, s_store)
+    losses: list[float] = []
+    bar = tqdm(range(start, config.steps), desc="calibrate", disable=not progress, initial=start, total=config.steps)
+    try:
+        for step in bar:
+            g = torch.Generator().manual_seed(config.seed * 7919 + step)
+            idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
+            kw = _batch(calls, idx)
+            t_store.clear()
+            s_store.clear()
+            with torch.no_grad():
+                t_out = teacher(**kw, return_dict=False)[0]
+            s_out = student(**kw, return_dict=False)[0]
+            loss = _nmse(s_out, t_out)
+            if s_store:
+                loss = loss + sum(_nmse(s, t) for s, t in zip(s_store, t_store)) / len(s_store)
+            for group in opt.param_groups:  # cosine decay to 10 %
+                group["lr"] = config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, config.steps))))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if work is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                _save_ckpt(work, student, opt, step + 1, config)
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
+    finally:
+        for h in handles:
+            h.remove()
+    return student, losses
+
+
+# ------------------------------------------------------------------------------------------- entry
+def calibrate(
+    pipe,
+    prompts: list[str],
+    config: CalibConfig | None = None,
+    *,
+    work_dir: str | os.PathLike | None = None,
+    source: str = "",
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Calibrate `pipe.transformer` into a ternary model; returns (quantised transformer, stats).
+
+    `pipe` is the full-precision FluxPipeline (the teacher). With `work_dir`, progress is
+    checkpointed there and an existing checkpoint of the same config is resumed.
+    """
+    import time
+
+    config = config or CalibConfig()
+    if any(isinstance(m, TernaryLinear) for m in pipe.transformer.modules()):
+        raise BitfluxError("the source transformer is already quantised; calibrate needs the full-precision model")
+    if not prompts:
+        raise BitfluxError("no calibration prompts")
+    prompts = prompts[: config.prompts]
+    t0 = time.perf_counter()
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    calls = record_states(pipe, prompts, config, progress)
+    t_rec = time.perf_counter() - t0
+    teacher = copy.deepcopy(pipe.transformer).float().eval()
+    student, losses = train(teacher, calls, config, work, progress, on_step)
+    model = finalize(pipe.transformer, student, config, source)
+    stats = {
+        "prompts": len(prompts),
+        "recorded_calls": len(calls),
+        "record_seconds": round(t_rec, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "final_loss": losses[-1] if losses else None,
+        "config": config.to_dict(),
+    }
+    return model, stats
+
+
+def finish_work_dir(work: Path) -> None:
+    """Remove a finished run's checkpoints."""
+    shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""`bitflux calibrate SRC OUT --prompts FILE|toy`: data-free calibration from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .calibrate import CalibConfig, LossKind, TrainWhat, calibrate, finish_work_dir
+from .cli import print_result
+from .config import InitMethod, PackFormat
+from .errors import BitfluxError, ModelError, OutputExistsError
+
+
+def read_prompts(spec: str, n: int, seed: int) -> list[str]:
+    """Prompts from a file (one per line) or `toy` (the toy world's training split)."""
+    if spec == "toy":
+        from .toy.world import prompts
+
+        return [p for p, _ in prompts("train", n, seed=seed)]
+    path = Path(spec)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise BitfluxError(f"prompt file not found: {spec}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BitfluxError(f"cannot read prompt file {spec}: {e}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise BitfluxError(f"prompt file is empty: {spec}")
+    return prompts
+
+
+def default_pipe_kwargs(src: str) -> dict:
+    """Generation settings for teacher trajectories: the eval settings for bundled toy models."""
+    if src.startswith("toy"):
+        from .eval.runner import GEN_KWARGS
+
+        return dict(GEN_KWARGS)
+    return {}
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .checkpoint import save
+    from .inspect import size_report
+    from .pipeline import load_pipeline, resolve
+
+    out = Path(args.out)
+    if out.exists():
+        raise OutputExistsError(f"output path exists: {out} (bitflux never overwrites)")
+    ref = resolve(args.src)
+    if ref.transformer is not None:
+        raise ModelError(f"{args.src}: already quantised; calibrate needs the full-precision pipeline")
+    prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
+    pipe = load_pipeline(ref)
+    pipe.set_progress_bar_config(disable=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = CalibConfig(
+        init=args.init,
+        train=args.train,
+        loss=args.loss,
+        format=args.format,
+        prompts=args.num_prompts,
+        traj_steps=args.traj_steps,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        pipe_kwargs=default_pipe_kwargs(args.src),
+    )
+    work = out.parent / f"{out.name}.partial"
+    if not out.parent.is_dir():
+        raise ModelError(f"output directory does not exist: {out.parent}")
+    model, stats = calibrate(pipe, prompts, config, work_dir=work, source=args.src, progress=not args.json)
+    save(model, out, extra_json={"calibration.json": stats})
+    finish_work_dir(work)
+    report = {"out": str(out), **stats, **size_report(model)}
+    text = f"wrote {out}: {stats['prompts']} prompts, {config.steps} steps in {stats['seconds']}s, final loss {stats['final_loss']:.4g}"
+    print_result(report, args.json, text)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    choices = lambda enum: [e.value for e in enum]  # noqa: E731
+    d = CalibConfig()
+    p = sub.add_parser(
+        "calibrate",
+        help="data-free calibration: the full-precision model teaches its ternary copy",
+        description="Ternarise SRC's transformer and train its codes and scales to match the full-precision "
+        "model on trajectories it samples from text prompts (no images). Resumable: checkpoints go to "
+        "OUT.partial/ and re-running the same command continues from the last one.",
+    )
+    p.add_argument("src", help="full-precision pipeline: bundled name (toy), pipeline directory or hub id")
+    p.add_argument("out", help="new output directory for the ternary transformer")
+    p.add_argument("--prompts", required=True, help="prompt file (one per line) or 'toy' (toy world, train split)")
+    p.add_argument("--num-prompts", type=int, default=d.prompts, help=f"prompts used (default {d.prompts})")
+    p.add_argument("--init", default=d.init.value, choices=choices(InitMethod), help="initial ternarisation")
+    p.add_argument("--train", default=d.train.value, choices=choices(TrainWhat), help="what is trained")
+    p.add_argument("--loss", default=d.loss.value, choices=choices(LossKind), help="what is matched")
+    p.add_argument("--format", default=d.format.value, choices=choices(PackFormat), help="packing of the result")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps (default {d.steps})")
+    p.add_argument("--traj-steps", type=int, default=d.traj_steps, help="denoising steps per teacher trajectory")
+    p.add_argument("--batch", type=int, default=d.batch, help="recorded states per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts, trajectories, batches")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_calibrate)
