@@ -156,6 +156,9 @@ def record_states(pipe, prompts: list[str], config: CalibConfig, progress: bool 
     def hook(_mod, _args, kwargs):
         calls.append({k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
 
+    for comp in pipe.components.values():  # dropout off: trajectories must be deterministic
+        if isinstance(comp, nn.Module):
+            comp.eval()
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for i, prompt in enumerate(tqdm(prompts, desc="teacher trajectories", disable=not progress)):
@@ -270,7 +273,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if work is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 _save_ckpt(work, student, opt, step + 1, config)

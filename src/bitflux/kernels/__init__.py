@@ -25,11 +25,16 @@ _MODULES: dict[Backend, str] = {
 _AUTO_ORDER: dict[str, tuple[Backend, ...]] = {"cuda": (Backend.TRITON,), "cpu": (Backend.CPU,)}
 
 
+_LOADED: dict[Backend, ModuleType | None] = {}  # import cache: keeps torch.compile free of import calls
+
+
 def _module(backend: Backend) -> ModuleType | None:
-    try:
-        return importlib.import_module(_MODULES[backend])
-    except ImportError:
-        return None
+    if backend not in _LOADED:
+        try:
+            _LOADED[backend] = importlib.import_module(_MODULES[backend])
+        except ImportError:
+            _LOADED[backend] = None
+    return _LOADED[backend]
 
 
 def select_backend(x: torch.Tensor, fmt: PackFormat, act: ActPrecision, backend: Backend = Backend.AUTO) -> Backend:

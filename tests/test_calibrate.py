@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from bitflux import CheckpointError, TernaryLinear
+from bitflux.calibrate import CalibConfig, _FakeTernaryLinear, build_student, calibrate
+from bitflux.cli import main
+from bitflux.errors import BitfluxError
+from bitflux.ternary import ternarize
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle above a red diamond"]
+SMALL = dict(prompts=3, traj_steps=2, steps=6, batch=2, checkpoint_every=2, pipe_kwargs=dict(height=32, width=32, max_sequence_length=16))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from bitflux.toy.build import build_pipeline
+
+    p = build_pipeline(seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_student_starts_at_the_initial_ternarisation():
+    lin = torch.nn.Linear(40, 12)
+    for init in ("absmean", "twn"):
+        fake = _FakeTernaryLinear(lin, init)
+        codes, scale = ternarize(lin.weight.detach(), init)
+        assert torch.equal(fake.codes(), codes) and torch.allclose(fake.scale, scale)
+
+
+def test_calibration_lowers_the_loss_and_saves_pure_ternary(pipe):
+    cfg = CalibConfig(**{**SMALL, "steps": 30, "batch": 4, "lr": 5e-3})
+    losses = []
+    model, stats = calibrate(pipe, PROMPTS, cfg, progress=False, on_step=lambda s, loss: losses.append(loss))
+    assert stats["recorded_calls"] == 3 * 2 and len(losses) == 30
+    assert sum(losses[-5:]) < sum(losses[:5])
+    tls = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    assert tls and all(set(t.codes().unique().tolist()) <= {-1, 0, 1} for t in tls)
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for n, p in model.named_parameters() if "blocks" in n)
+
+
+def test_killed_run_resumes_to_the_same_result(pipe, tmp_path):
+    cfg = CalibConfig(**SMALL)
+    whole, _ = calibrate(pipe, PROMPTS, cfg, progress=False)
+
+    def die(step, _loss):
+        if step == 5:  # after the checkpoint at step 4, before the end
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die)
+    assert (work / "state.json").exists()
+    steps_after_resume = []
+    resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=lambda s, _l: steps_after_resume.append(s))
+    assert steps_after_resume == [5, 6]  # continued from the step-4 checkpoint
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mismatched_resume_is_refused(pipe, tmp_path):
+    work = tmp_path / "work"
+    calibrate(pipe, PROMPTS, CalibConfig(**SMALL), work_dir=work, progress=False)
+    with pytest.raises(CheckpointError, match="different calibration config"):
+        calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "lr": 1e-4}), work_dir=work, progress=False)
+
+
+def test_scales_only_keeps_codes(pipe):
+    cfg = CalibConfig(**{**SMALL, "train": "scales", "steps": 3, "checkpoint_every": 0})
+    student = build_student(pipe.transformer, cfg)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".scale") for n in trainable)
+
+
+def test_quantised_source_and_no_prompts_are_refused(pipe):
+    with pytest.raises(BitfluxError, match="no calibration prompts"):
+        calibrate(pipe, [], CalibConfig(**SMALL), progress=False)
+
+
+def test_cli_bad_inputs(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    (tmp_path / "exists").mkdir()
+    cases = [
+        (["calibrate", "toy", str(tmp_path / "o"), "--prompts", str(empty)], "prompt file is empty"),
+        (["calibrate", "toy", str(tmp_path / "o"), "--prompts", str(tmp_path / "nope.txt")], "prompt file not found"),
+        (["calibrate", "toy", str(tmp_path / "exists"), "--prompts", "toy"], "exists"),
+        (["calibrate", str(tmp_path / "nope"), str(tmp_path / "o"), "--prompts", "toy"], "no such model"),
+    ]
+    for argv, msg in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "o").exists()
