@@ -76,6 +76,7 @@ class CalibConfig:
     seed: int = 0  # trajectories, batches
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: never)
     pipe_kwargs: dict[str, Any] = field(default_factory=dict)  # extra FluxPipeline call arguments
+    record_batch: int = 16  # prompts per teacher pipeline call
 
     def __post_init__(self) -> None:
         for name, enum in (("init", InitMethod), ("train", TrainWhat), ("loss", LossKind), ("format", PackFormat)):
@@ -149,21 +150,36 @@ def finalize(teacher: nn.Module, student: nn.Module, config: CalibConfig, source
 
 
 # --------------------------------------------------------------------------------------- recording
-def record_states(pipe, prompts: list[str], config: CalibConfig, progress: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Run the teacher pipeline on each prompt and record every transformer call's inputs."""
+def record_states(
+    pipe, prompts: list[str], config: CalibConfig, progress: bool = True, batch: int = 16
+) -> list[dict[str, torch.Tensor]]:
+    """Run the teacher pipeline on the prompts and record every transformer call's inputs.
+
+    Returns one entry per sample and call (a batched call is split along its batch dimension;
+    the 2-D position ids are shared). Prompt i always gets the noise of seed (config.seed, i).
+    """
     calls: list[dict[str, torch.Tensor]] = []
 
     def hook(_mod, _args, kwargs):
-        calls.append({k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        tensors = {k: v.detach() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        b = tensors["hidden_states"].shape[0]
+        for j in range(b):
+            calls.append({k: v.clone() if k.endswith("_ids") else v[j : j + 1].clone() for k, v in tensors.items()})
 
     for comp in pipe.components.values():  # dropout off: trajectories must be deterministic
         if isinstance(comp, nn.Module):
             comp.eval()
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for i, prompt in enumerate(tqdm(prompts, desc="teacher trajectories", disable=not progress)):
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + i)
-            pipe(prompt, num_inference_steps=config.traj_steps, generator=g, output_type="latent", **config.pipe_kwargs)
+        starts = range(0, len(prompts), batch)
+        for i in tqdm(starts, desc="teacher trajectories", disable=not progress):
+            part = prompts[i : i + batch]
+            gens = [torch.Generator().manual_seed(config.seed * 1_000_003 + i + j) for j in range(len(part))]
+            kwargs = dict(config.pipe_kwargs)
+            if "negative_prompt" in kwargs and isinstance(kwargs["negative_prompt"], str):
+                kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(part)
+            with torch.no_grad():
+                pipe(part, num_inference_steps=config.traj_steps, generator=gens, output_type="latent", **kwargs)
     finally:
         handle.remove()
     return calls
@@ -313,7 +329,7 @@ def calibrate(
     work = Path(work_dir) if work_dir is not None else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
-    calls = record_states(pipe, prompts, config, progress)
+    calls = record_states(pipe, prompts, config, progress, config.record_batch)
     t_rec = time.perf_counter() - t0
     teacher = copy.deepcopy(pipe.transformer).float().eval()
     student, losses = train(teacher, calls, config, work, progress, on_step)

@@ -30,13 +30,20 @@ def read_prompts(spec: str, n: int, seed: int) -> list[str]:
     return prompts
 
 
-def default_pipe_kwargs(src: str) -> dict:
-    """Generation settings for teacher trajectories: the eval settings for bundled toy models."""
-    if src.startswith("toy"):
-        from .eval.runner import GEN_KWARGS
+def eval_settings(src: str) -> tuple[dict, int | None]:
+    """(pipeline kwargs, denoising steps) of `bitflux eval` for bundled toy models, else ({}, None).
 
-        return dict(GEN_KWARGS)
-    return {}
+    Teacher trajectories should visit the states the model will see when it is used and scored.
+    """
+    if not src.startswith("toy"):
+        return {}, None
+    from .eval.runner import EvalConfig
+
+    e = EvalConfig()
+    kwargs = dict(height=e.size, width=e.size, max_sequence_length=e.max_sequence_length)
+    if e.cfg_scale > 1:
+        kwargs.update(true_cfg_scale=e.cfg_scale, negative_prompt="")
+    return kwargs, e.steps
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -57,19 +64,20 @@ def _calibrate(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    pipe_kwargs, traj_steps = eval_settings(args.src)
     config = CalibConfig(
         init=args.init,
         train=args.train,
         loss=args.loss,
         format=args.format,
         prompts=args.num_prompts,
-        traj_steps=args.traj_steps,
+        traj_steps=args.traj_steps or traj_steps or CalibConfig().traj_steps,
         steps=args.steps,
         batch=args.batch,
         lr=args.lr,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
-        pipe_kwargs=default_pipe_kwargs(args.src),
+        pipe_kwargs=pipe_kwargs,
     )
     work = out.parent / f"{out.name}.partial"
     if not out.parent.is_dir():
@@ -102,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", default=d.loss.value, choices=choices(LossKind), help="what is matched")
     p.add_argument("--format", default=d.format.value, choices=choices(PackFormat), help="packing of the result")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps (default {d.steps})")
-    p.add_argument("--traj-steps", type=int, default=d.traj_steps, help="denoising steps per teacher trajectory")
+    p.add_argument("--traj-steps", type=int, help="denoising steps per teacher trajectory (default: eval's for toy)")
     p.add_argument("--batch", type=int, default=d.batch, help="recorded states per step")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts, trajectories, batches")
