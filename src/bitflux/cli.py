@@ -18,6 +18,7 @@ from .errors import BitfluxError
 _COMMAND_MODULES = (
     "bitflux.commands",  # quantize, generate, inspect
     "bitflux.calibrate_cmd",  # calibrate
+    "bitflux.ablate",  # ablate
     "bitflux.eval.commands",  # eval
     "bitflux.bench.commands",  # bench
     "bitflux.toy.commands",  # toy train / toy render
