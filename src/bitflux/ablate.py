@@ -71,7 +71,10 @@ def run_sweep(out: Path, base: CalibConfig, rows: list[str] | None = None, n_eva
     bf16_pipe = load_model("toy")
     bf16 = evaluate(bf16_pipe, items, cfg=cfg_eval)
     results = [{"row": "bf16", "overall": bf16["overall"], "ratio_vs_bf16": 1.0, "seconds": 0.0}]
+    from .calibrate import record_states
+
     calib_prompts = [p for p, _ in world_prompts("train", base.prompts, seed=base.seed)]
+    recorded: dict[int, list] = {}  # prompts -> teacher states, shared by rows that differ elsewhere
     for name, spec in default_rows(base):
         if rows and name not in rows:
             continue
@@ -81,7 +84,10 @@ def run_sweep(out: Path, base: CalibConfig, rows: list[str] | None = None, n_eva
             model = quantize(pipe.transformer, QuantConfig(init=spec, source="toy"))
             extra = {"config": {"naive": spec}}
         else:
-            model, stats = calibrate(pipe, calib_prompts, spec, source="toy", progress=progress)
+            ps = calib_prompts[: spec.prompts]
+            if spec.prompts not in recorded:
+                recorded[spec.prompts] = record_states(pipe, ps, spec, progress, spec.record_batch)
+            model, stats = calibrate(pipe, ps, spec, source="toy", progress=progress, calls=recorded[spec.prompts])
             extra = {"config": spec.to_dict(), "final_loss": stats["final_loss"]}
         results.append(_row(name, model, bf16, time.perf_counter() - t0, items, cfg_eval, extra))
         _write(out, results)

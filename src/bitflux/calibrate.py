@@ -311,11 +311,13 @@ def calibrate(
     source: str = "",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    calls: list[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Calibrate `pipe.transformer` into a ternary model; returns (quantised transformer, stats).
 
     `pipe` is the full-precision FluxPipeline (the teacher). With `work_dir`, progress is
-    checkpointed there and an existing checkpoint of the same config is resumed.
+    checkpointed there and an existing checkpoint of the same config is resumed. `calls`
+    reuses states already recorded by `record_states` for the same prompts and config.
     """
     import time
 
@@ -329,7 +331,8 @@ def calibrate(
     work = Path(work_dir) if work_dir is not None else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
-    calls = record_states(pipe, prompts, config, progress, config.record_batch)
+    if calls is None:
+        calls = record_states(pipe, prompts, config, progress, config.record_batch)
     t_rec = time.perf_counter() - t0
     teacher = copy.deepcopy(pipe.transformer).float().eval()
     student, losses = train(teacher, calls, config, work, progress, on_step)
