@@ -29,10 +29,10 @@ def test_student_starts_at_the_initial_ternarisation():
 
 
 def test_calibration_lowers_the_loss_and_saves_pure_ternary(pipe):
-    cfg = CalibConfig(**{**SMALL, "steps": 30, "batch": 4, "lr": 5e-3})
+    cfg = CalibConfig(**{**SMALL, "steps": 16, "batch": 4, "lr": 5e-3})
     losses = []
     model, stats = calibrate(pipe, PROMPTS, cfg, progress=False, on_step=lambda s, loss: losses.append(loss))
-    assert stats["recorded_calls"] == 3 * 2 and len(losses) == 30
+    assert stats["recorded_calls"] == 3 * 2 and len(losses) == 16
     assert sum(losses[-5:]) < sum(losses[:5])
     tls = [m for m in model.modules() if isinstance(m, TernaryLinear)]
     assert tls and all(set(t.codes().unique().tolist()) <= {-1, 0, 1} for t in tls)
@@ -92,3 +92,12 @@ def test_cli_bad_inputs(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_blockwise_mode_through_calibrate(pipe):
+    steps = []
+    cfg = CalibConfig(**{**SMALL, "mode": "blockwise", "checkpoint_every": 0})
+    model, stats = calibrate(pipe, PROMPTS, cfg, progress=False, on_step=lambda s, _l: steps.append(s))
+    n_blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    assert steps == list(range(1, n_blocks * max(1, cfg.steps // n_blocks) + 1))
+    assert any(isinstance(m, TernaryLinear) for m in model.modules()) and stats["final_loss"] is not None

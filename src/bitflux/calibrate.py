@@ -51,6 +51,15 @@ class TrainWhat(str, Enum):
     """Latent weights, scales and the ternary layers' biases."""
 
 
+class Mode(str, Enum):
+    """How the student is trained."""
+
+    JOINT = "joint"
+    """The whole student at once (fp32 latents + Adam for every layer in memory)."""
+    BLOCKWISE = "blockwise"
+    """One block at a time against the teacher's own block inputs/outputs (fits 12B on one GPU)."""
+
+
 class LossKind(str, Enum):
     """What the student matches."""
 
@@ -77,9 +86,11 @@ class CalibConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: never)
     pipe_kwargs: dict[str, Any] = field(default_factory=dict)  # extra FluxPipeline call arguments
     record_batch: int = 16  # prompts per teacher pipeline call
+    mode: Mode = Mode.JOINT  # joint or block-wise training (see calibrate_blockwise.py)
 
     def __post_init__(self) -> None:
-        for name, enum in (("init", InitMethod), ("train", TrainWhat), ("loss", LossKind), ("format", PackFormat)):
+        enums = (("init", InitMethod), ("train", TrainWhat), ("loss", LossKind), ("format", PackFormat), ("mode", Mode))
+        for name, enum in enums:
             object.__setattr__(self, name, enum(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,7 +346,20 @@ def calibrate(
         calls = record_states(pipe, prompts, config, progress, config.record_batch)
     t_rec = time.perf_counter() - t0
     teacher = copy.deepcopy(pipe.transformer).float().eval()
-    student, losses = train(teacher, calls, config, work, progress, on_step)
+    if config.mode is Mode.BLOCKWISE:  # no resume yet: each block is short at toy scale
+        from .calibrate_blockwise import train_blockwise
+
+        losses: list[float] = []
+        per_block = max(1, config.steps // max(1, len(teacher.transformer_blocks) + len(teacher.single_transformer_blocks)))
+
+        def _step(block: int, step: int, loss: float) -> None:
+            losses.append(loss)
+            if on_step is not None:
+                on_step(block * per_block + step + 1, loss)
+
+        student = train_blockwise(teacher, calls, config, progress, on_step=_step)
+    else:
+        student, losses = train(teacher, calls, config, work, progress, on_step)
     model = finalize(pipe.transformer, student, config, source)
     stats = {
         "prompts": len(prompts),

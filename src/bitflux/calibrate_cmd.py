@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .calibrate import CalibConfig, LossKind, TrainWhat, calibrate, finish_work_dir
+from .calibrate import CalibConfig, LossKind, Mode, TrainWhat, calibrate, finish_work_dir
 from .cli import print_result
 from .config import InitMethod, PackFormat
 from .errors import BitfluxError, ModelError, OutputExistsError
@@ -76,6 +76,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         batch=args.batch,
         lr=args.lr,
         seed=args.seed,
+        mode=args.mode,
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
     )
@@ -109,6 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", default=d.train.value, choices=choices(TrainWhat), help="what is trained")
     p.add_argument("--loss", default=d.loss.value, choices=choices(LossKind), help="what is matched")
     p.add_argument("--format", default=d.format.value, choices=choices(PackFormat), help="packing of the result")
+    p.add_argument("--mode", default=d.mode.value, choices=choices(Mode), help="joint or block-wise training")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps (default {d.steps})")
     p.add_argument("--traj-steps", type=int, help="denoising steps per teacher trajectory (default: eval's for toy)")
     p.add_argument("--batch", type=int, default=d.batch, help="recorded states per step")
