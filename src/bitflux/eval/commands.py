@@ -1,0 +1,115 @@
+"""`bitflux eval`: GenEval-style scores of a toy-world model, and fidelity to the full-precision toy."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import BitfluxError, ModelError, OutputExistsError
+from ..toy.world import CATEGORIES
+from .runner import EvalConfig
+
+_HELP = """Generate images for toy-world prompts with MODEL and score them with the rule-based
+GenEval-style scorer (all-or-nothing per image). Prints per-category accuracy and `overall`
+(mean over categories), plus fidelity to the bundled full-precision `toy` model at the same
+seeds: mean PSNR of the images and the share of per-prompt verdicts that agree.
+
+MODEL is `toy` (bundled), `toy-1.58bit` (bundled, if installed), a FluxPipeline directory, or
+a bitflux quantised transformer directory (paired with the bundled toy pipeline)."""
+
+
+def _fmt(res: dict, label: str) -> str:
+    lines = [f"{label}: overall {res['overall']:.3f}  ({res['n_prompts']} prompts x {res['seeds']} seeds, {res['steps']} steps)"]
+    lines += [f"  {c.value:<14} {res[c.value]:.3f}" for c in CATEGORIES if c.value in res]
+    fid = res.get("fidelity")
+    if fid:
+        lines.append(f"  fidelity vs toy: PSNR {fid['psnr_db']:.2f} dB, verdict agreement {fid['verdict_agreement']:.3f}")
+    lines.append(f"  generation took {res['generate_seconds']:.1f}s")
+    if res.get("grid"):
+        lines.append(f"  grid: {res['grid']}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..cli import print_result
+    from ..pipeline import resolve
+    from ..toy import bundled_path
+    from .grid import make_grid, pick_rows, save_image
+    from .runner import evaluate, load_model, load_prompts, public
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.seeds < 1 or args.steps < 1 or args.n < 1:
+        raise BitfluxError("--seeds, --steps and --n must be positive")
+    if args.grid and Path(args.grid).exists():
+        raise OutputExistsError(f"output path exists: {args.grid} (bitflux never overwrites)")
+    if args.grid and not Path(args.grid).resolve().parent.is_dir():
+        raise ModelError(f"output directory does not exist: {Path(args.grid).parent}")
+    items = load_prompts(args.prompts, args.n, args.prompt_seed)
+    cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg_scale)
+    pipe = load_model(args.model, naive=args.naive)
+    ref = resolve(args.model, "toy")
+    try:
+        toy_dir: Path | None = Path(bundled_path("toy")).resolve()
+    except ModelError:
+        toy_dir = None  # not installed: fidelity is unavailable unless --no-fidelity
+    is_toy = Path(ref.pipeline).resolve() == toy_dir and ref.transformer is None and not args.naive
+    res = evaluate(pipe, items, args.seeds, cfg, progress=not args.json)
+    if not args.no_fidelity:
+        if is_toy:  # the reference itself: identical by construction
+            res["fidelity"] = {"psnr_db": 100.0, "verdict_agreement": 1.0}
+        else:
+            ref_res = evaluate(load_model("toy"), items, args.seeds, cfg, progress=not args.json)
+            from .runner import fidelity
+
+            res["fidelity"] = fidelity(res["_images"], ref_res["_images"], res["_verdicts"], ref_res["_verdicts"])
+            res["reference_overall"] = ref_res["overall"]
+            res["_reference"] = ref_res["_images"]
+    label = args.model + (" (naive absmean ternary)" if args.naive else "")
+    if args.grid:
+        rows = pick_rows([it.category.value for it in items])
+        cols = {}
+        if res.get("_reference") is not None:
+            cols["toy (full precision)"] = res["_reference"][0][rows]
+        cols[label] = res["_images"][0][rows]
+        save_image(make_grid(cols, [items[i].text for i in rows]), args.grid)
+        res["grid"] = str(args.grid)
+    out = public(res)
+    out = {"model": args.model, "naive": args.naive, "prompts": args.prompts, **out}
+    print_result(out, args.json, _fmt(out, label))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `eval` sub-command."""
+    p = sub.add_parser(
+        "eval",
+        help="score a toy-world model GenEval-style (per category + overall) and its fidelity to toy",
+        description=_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = EvalConfig()
+    p.add_argument("model", metavar="MODEL", help="toy | toy-1.58bit | pipeline dir | quantised transformer dir")
+    p.add_argument(
+        "--prompts",
+        default="heldout",
+        help="'heldout' (compositions never trained on; default), 'train', or a text file with one prompt a line",
+    )
+    p.add_argument("--n", type=int, default=96, help="prompts drawn for train/heldout, round-robin over categories (default 96)")
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the drawn prompt list (default 0)")
+    p.add_argument("--seeds", type=int, default=d.seeds, help=f"images per prompt (default {d.seeds})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"Euler sampling steps (default {d.steps})")
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=d.cfg_scale,
+        help=f"real classifier-free guidance scale, FluxPipeline's true_cfg_scale (default {d.cfg_scale}; 1 disables)",
+    )
+    p.add_argument("--naive", action="store_true", help="ternarise the model in memory by plain absmean rounding first")
+    p.add_argument("--grid", metavar="PNG", help="save a grid: toy (full precision) vs MODEL on a few prompts")
+    p.add_argument("--no-fidelity", action="store_true", help="skip generating the toy reference (halves the time)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (overall, one key per category, fidelity)")
+    p.set_defaults(func=_run)

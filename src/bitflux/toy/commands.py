@@ -1,0 +1,116 @@
+"""`bitflux toy ...`: train the toy FLUX, render ground-truth images, list prompts."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from ..errors import BitfluxError, OutputExistsError
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..cli import print_result
+    from .train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.minutes <= 0:
+        raise BitfluxError("--minutes must be positive")
+    cfg = TrainConfig(minutes=args.minutes, seed=args.seed, vae_steps=args.vae_steps, steps=args.steps)
+    out = train(args.output, cfg, resume=args.resume)
+    info = (out / "bitflux_toy.json").read_text()
+    import json
+
+    res = {"output": str(out), **json.loads(info)}
+    print_result(res, args.json, f"wrote {out} ({res['steps']} transformer steps in {res['train_seconds']:.0f}s)")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from ..cli import print_result
+    from .world import parse_prompt, render, scene_for_spec
+
+    out = Path(args.output)
+    if out.exists():
+        raise OutputExistsError(f"output path exists: {out} (bitflux never overwrites)")
+    spec = parse_prompt(args.prompt)
+    scene = scene_for_spec(random.Random(args.seed), spec)
+    img = render(scene)
+    if args.scale > 1:
+        img = img.resize((img.width * args.scale, img.height * args.scale), 0)
+    from ..eval.grid import save_image
+
+    save_image(img, out)
+    res = {"output": str(out), "category": spec.category.value, "objects": [o.__dict__ for o in scene.objects]}
+    print_result(res, args.json, f"wrote {out} ({spec.category.value})")
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> int:
+    from ..cli import print_result
+    from .world import prompts
+
+    items = prompts(args.split, args.n, args.seed)
+    res = {"split": args.split, "prompts": [{"prompt": t, "category": c.value} for t, c in items]}
+    print_result(res, args.json, "\n".join(f"{c.value:<14} {t}" for t, c in items))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `toy train`, `toy render` and `toy prompts`."""
+    p = sub.add_parser(
+        "toy",
+        help="the toy world: train the bundled tiny FLUX, render ground truth, list prompts",
+        description="The toy compositional world (coloured shapes, GenEval-style prompts) and its tiny FLUX.",
+    )
+    tsub = p.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
+
+    t = tsub.add_parser(
+        "train",
+        help="train the tiny FLUX pipeline on the toy world (CPU, reproducible)",
+        description="Train the VAE, then the FLUX transformer and text encoders (flow matching) on "
+        "rendered training-split scenes, and save a FluxPipeline directory to OUT. Checkpoints "
+        "(safetensors) go to OUT.work/; --resume continues from them exactly.",
+    )
+    t.add_argument("output", metavar="OUT", help="pipeline directory to create (must not exist)")
+    t.add_argument("--minutes", type=float, default=42.0, help="wall-clock budget for both phases (default 42)")
+    t.add_argument("--seed", type=int, default=0, help="seed of data, init and batches (default 0)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.work/ checkpoints")
+    t.add_argument("--vae-steps", type=int, default=800, help="VAE steps (default 800)")
+    t.add_argument("--steps", type=int, default=None, help="transformer steps (default: as many as fit the budget)")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--json", action="store_true", help="print the training summary as JSON")
+    t.set_defaults(func=_train)
+
+    r = tsub.add_parser(
+        "render",
+        help="render a ground-truth image for a prompt of the toy grammar",
+        description="Parse PROMPT with the toy grammar, place objects that satisfy it, and save the image.",
+    )
+    r.add_argument("prompt", metavar="PROMPT", help='e.g. "a red circle to the left of a blue square"')
+    r.add_argument("output", metavar="OUT", help="image file to write (must not exist)")
+    r.add_argument("--seed", type=int, default=0, help="placement seed (default 0)")
+    r.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling factor (default 1)")
+    r.add_argument("--json", action="store_true", help="print the placed objects as JSON")
+    r.set_defaults(func=_render)
+
+    q = tsub.add_parser(
+        "prompts",
+        help="list prompts of a split with their categories",
+        description="List toy prompts: 'train' prompts never contain held-out compositions; "
+        "'heldout' prompts always do (except single_object, which has none to hold out).",
+    )
+    q.add_argument("--split", choices=("train", "heldout"), default="heldout", help="which split (default heldout)")
+    q.add_argument("--n", type=int, default=12, help="how many (default 12)")
+    q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_prompts)
+
+    def _help(_args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=_help)

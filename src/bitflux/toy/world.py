@@ -1,0 +1,357 @@
+"""A compositional toy world: coloured shapes on a 3x3 grid, captions from a GenEval-like grammar.
+
+Everything is deterministic from a seed. The prompt space is split so held-out prompts contain
+colour-shape pairs and object orders that never occur in training (or calibration) prompts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..errors import BitfluxError
+
+IMAGE_SIZE = 32  # pixels per side
+GRID = 3  # cells per side
+CELL_CENTRES = (6.0, 16.0, 26.0)  # pixel centre of each grid row/column
+OBJECT_SIZE = 10.0  # bounding-box side of one object, pixels
+SUPERSAMPLE = 4  # draw at 4x then box-filter down: anti-aliased edges
+
+BACKGROUND = (128, 128, 128)
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30),
+    "yellow": (240, 220, 20),
+    "green": (30, 190, 40),
+    "cyan": (20, 210, 220),
+    "blue": (30, 60, 235),
+    "purple": (190, 30, 220),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+PLURALS = {s: s + "s" for s in SHAPES}
+NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4}
+NUMBER_WORDS = {v: k for k, v in NUMBERS.items()}
+
+
+class PromptError(BitfluxError):
+    """A prompt that the toy world's grammar cannot parse."""
+
+
+class Category(str, Enum):
+    """GenEval's six task categories."""
+
+    SINGLE_OBJECT = "single_object"
+    TWO_OBJECT = "two_object"
+    COUNTING = "counting"
+    COLORS = "colors"
+    POSITION = "position"
+    COLOR_ATTR = "color_attr"
+
+
+class Relation(str, Enum):
+    """Spatial relation of the first object to the second."""
+
+    LEFT = "to the left of"
+    RIGHT = "to the right of"
+    ABOVE = "above"
+    BELOW = "below"
+
+
+class Split(str, Enum):
+    TRAIN = "train"
+    HELDOUT = "heldout"
+
+
+CATEGORIES = tuple(Category)
+
+# Compositions that only held-out prompts contain.
+HELDOUT_COLOR_SHAPE = frozenset(
+    {("red", "triangle"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square")}
+)
+HELDOUT_ORDER = frozenset({("circle", "square"), ("triangle", "diamond")})  # (first, second) shapes
+
+
+@dataclass(frozen=True)
+class ObjSpec:
+    """One noun phrase: a shape, an optional colour, a count."""
+
+    shape: str
+    color: str | None = None
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a prompt asks for: its category, noun phrases, and an optional relation."""
+
+    category: Category
+    objects: tuple[ObjSpec, ...]
+    relation: Relation | None = None
+
+
+@dataclass(frozen=True)
+class Placed:
+    """An object drawn in the image: shape, colour and grid cell (row, col)."""
+
+    shape: str
+    color: str
+    cell: tuple[int, int]
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """(x, y) pixel centre."""
+        return CELL_CENTRES[self.cell[1]], CELL_CENTRES[self.cell[0]]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A spec plus the objects that realise it."""
+
+    spec: Spec
+    objects: tuple[Placed, ...] = field(default_factory=tuple)
+
+
+# ----------------------------------------------------------------------------- grammar
+
+
+def _np(o: ObjSpec) -> str:
+    col = f"{o.color} " if o.color else ""
+    return f"a {col}{o.shape}"
+
+
+def caption_spec(spec: Spec) -> str:
+    """The canonical prompt text of a spec."""
+    c = spec.category
+    o = spec.objects
+    if c in (Category.SINGLE_OBJECT, Category.COLORS):
+        return _np(o[0])
+    if c in (Category.TWO_OBJECT, Category.COLOR_ATTR):
+        return f"{_np(o[0])} and {_np(o[1])}"
+    if c == Category.POSITION:
+        assert spec.relation is not None
+        return f"{_np(o[0])} {spec.relation.value} {_np(o[1])}"
+    if c == Category.COUNTING:
+        n = o[0].count
+        noun = o[0].shape if n == 1 else PLURALS[o[0].shape]
+        return f"{NUMBER_WORDS[n]} {o[0].color} {noun}"
+    raise ValueError(c)
+
+
+def caption(scene: Scene) -> str:
+    """The prompt a scene was drawn for."""
+    return caption_spec(scene.spec)
+
+
+_COLOR = "|".join(COLORS)
+_SHAPE = "|".join(SHAPES)
+_NP = rf"a (?:({_COLOR}) )?({_SHAPE})"
+_REL = "|".join(re.escape(r.value) for r in Relation)
+_PATTERNS = (
+    ("pos", re.compile(rf"^{_NP} ({_REL}) {_NP}$")),
+    ("and", re.compile(rf"^{_NP} and {_NP}$")),
+    ("one", re.compile(rf"^{_NP}$")),
+    (
+        "count",
+        re.compile(rf"^({'|'.join(NUMBERS)}) ({_COLOR}) ({_SHAPE}|{'|'.join(PLURALS.values())})$"),
+    ),
+)
+
+
+def parse_prompt(text: str) -> Spec:
+    """Parse a prompt of the grammar into a Spec; raise PromptError otherwise."""
+    t = " ".join(text.strip().lower().rstrip(".").split())
+    for kind, pat in _PATTERNS:
+        m = pat.match(t)
+        if not m:
+            continue
+        g = m.groups()
+        if kind == "one":
+            cat = Category.COLORS if g[0] else Category.SINGLE_OBJECT
+            return Spec(cat, (ObjSpec(g[1], g[0]),))
+        if kind == "and":
+            a, b = ObjSpec(g[1], g[0]), ObjSpec(g[3], g[2])
+            if (a.color is None) != (b.color is None):
+                break
+            if a.shape == b.shape:
+                break
+            cat = Category.COLOR_ATTR if a.color else Category.TWO_OBJECT
+            if cat == Category.COLOR_ATTR and a.color == b.color:
+                break
+            return Spec(cat, (a, b))
+        if kind == "pos":
+            a, b = ObjSpec(g[1], g[0]), ObjSpec(g[4], g[3])
+            if a.color is None or b.color is None or a.shape == b.shape or a.color == b.color:
+                break
+            return Spec(Category.POSITION, (a, b), Relation(g[2]))
+        if kind == "count":
+            n = NUMBERS[g[0]]
+            noun = g[2]
+            singular = noun[:-1] if noun.endswith("s") and noun[:-1] in SHAPES else noun
+            if (n == 1) != (noun == singular):
+                break
+            return Spec(Category.COUNTING, (ObjSpec(singular, g[1], n),))
+    raise PromptError(f"prompt outside the toy grammar: {text!r} (see bitflux.toy.world for the grammar)")
+
+
+def is_heldout(spec: Spec) -> bool:
+    """True if the spec contains a held-out colour-shape pair or a held-out object order."""
+    if any((o.color, o.shape) in HELDOUT_COLOR_SHAPE for o in spec.objects):
+        return True
+    if len(spec.objects) == 2 and (spec.objects[0].shape, spec.objects[1].shape) in HELDOUT_ORDER:
+        return True
+    return False
+
+
+def in_split(spec: Spec, split: Split | str) -> bool:
+    """Whether a spec belongs to a split. single_object has no composition: it is in both."""
+    if spec.category == Category.SINGLE_OBJECT:
+        return True
+    return is_heldout(spec) == (Split(split) == Split.HELDOUT)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _random_spec(rng: random.Random, category: Category) -> Spec:
+    colors, shapes = list(COLORS), list(SHAPES)
+    if category == Category.SINGLE_OBJECT:
+        return Spec(category, (ObjSpec(rng.choice(shapes)),))
+    if category == Category.COLORS:
+        return Spec(category, (ObjSpec(rng.choice(shapes), rng.choice(colors)),))
+    if category == Category.COUNTING:
+        return Spec(category, (ObjSpec(rng.choice(shapes), rng.choice(colors), rng.randint(1, 4)),))
+    s1, s2 = rng.sample(shapes, 2)
+    if category == Category.TWO_OBJECT:
+        return Spec(category, (ObjSpec(s1), ObjSpec(s2)))
+    c1, c2 = rng.sample(colors, 2)
+    objs = (ObjSpec(s1, c1), ObjSpec(s2, c2))
+    if category == Category.COLOR_ATTR:
+        return Spec(category, objs)
+    return Spec(category, objs, rng.choice(list(Relation)))
+
+
+def sample_spec(rng: random.Random, category: Category | str, split: Split | str) -> Spec:
+    """A random spec of a category from a split (rejection sampling over the grammar)."""
+    category = Category(category)
+    for _ in range(10_000):
+        spec = _random_spec(rng, category)
+        if in_split(spec, split):
+            return spec
+    raise RuntimeError("split has no prompt of this category")  # pragma: no cover
+
+
+def _adjacent(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1
+
+
+def _relation_holds(rel: Relation, a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Cell a (row, col) stands in `rel` to cell b."""
+    return {
+        Relation.LEFT: a[1] < b[1],
+        Relation.RIGHT: a[1] > b[1],
+        Relation.ABOVE: a[0] < b[0],
+        Relation.BELOW: a[0] > b[0],
+    }[rel]
+
+
+def _place(rng: random.Random, n: int, rel: Relation | None) -> list[tuple[int, int]]:
+    """n distinct cells, no two sharing an edge (so blobs never touch); rel holds for cells 0, 1."""
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    while True:
+        pick = rng.sample(cells, n)
+        if any(_adjacent(a, b) for i, a in enumerate(pick) for b in pick[i + 1 :]):
+            continue
+        if rel is not None and not _relation_holds(rel, pick[0], pick[1]):
+            continue
+        return pick
+
+
+def scene_for_spec(rng: random.Random, spec: Spec) -> Scene:
+    """Place objects that satisfy the spec; uncoloured objects get a random colour."""
+    items: list[tuple[str, str]] = []
+    for o in spec.objects:
+        for _ in range(o.count):
+            items.append((o.shape, o.color or rng.choice(list(COLORS))))
+    cells = _place(rng, len(items), spec.relation)
+    return Scene(spec, tuple(Placed(s, c, cell) for (s, c), cell in zip(items, cells)))
+
+
+def sample_scene(rng: random.Random, category: Category | str, split: Split | str = Split.TRAIN) -> Scene:
+    """A random scene of a category from a split."""
+    return scene_for_spec(rng, sample_spec(rng, category, split))
+
+
+def prompts(split: Split | str, n: int, seed: int = 0) -> list[tuple[str, Category]]:
+    """n distinct-as-possible (prompt, category) pairs, round-robin over categories."""
+    rng = random.Random(f"prompts-{Split(split).value}-{seed}")
+    out: list[tuple[str, Category]] = []
+    seen: set[str] = set()
+    for i in range(n):
+        cat = CATEGORIES[i % len(CATEGORIES)]
+        text = caption_spec(sample_spec(rng, cat, split))
+        for _ in range(50):  # prefer unseen prompts; small categories repeat
+            if text not in seen:
+                break
+            text = caption_spec(sample_spec(rng, cat, split))
+        seen.add(text)
+        out.append((text, cat))
+    return out
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def shape_polygon(shape: str, cx: float, cy: float, size: float = OBJECT_SIZE) -> list[tuple[float, float]] | None:
+    """Polygon vertices of a shape centred at (cx, cy); None for the circle (drawn as an ellipse)."""
+    h = size / 2
+    if shape == "circle":
+        return None
+    if shape == "square":
+        q = h * 0.85
+        return [(cx - q, cy - q), (cx + q, cy - q), (cx + q, cy + q), (cx - q, cy + q)]
+    if shape == "triangle":
+        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "diamond":
+        return [(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)]
+    raise ValueError(shape)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, fill, scale: float = 1.0) -> None:
+    """Draw one shape (coordinates in output pixels, multiplied by `scale`)."""
+    poly = shape_polygon(shape, cx, cy)
+    if poly is None:
+        h = OBJECT_SIZE / 2
+        draw.ellipse([(cx - h) * scale, (cy - h) * scale, (cx + h) * scale, (cy + h) * scale], fill=fill)
+    else:
+        draw.polygon([(x * scale, y * scale) for x, y in poly], fill=fill)
+
+
+def shape_mask(shape: str, cx: float, cy: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1], (size, size) float32, of one shape."""
+    s = SUPERSAMPLE
+    img = Image.new("L", (size * s, size * s), 0)
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, 255, s)
+    img = img.resize((size, size), Image.BOX)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def render(scene: Scene) -> Image.Image:
+    """The scene as an RGB image of IMAGE_SIZE x IMAGE_SIZE."""
+    s = SUPERSAMPLE
+    img = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        cx, cy = o.centre
+        draw_shape(draw, o.shape, cx, cy, COLORS[o.color], s)
+    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+
+
+def vocabulary() -> list[str]:
+    """Every word the grammar uses (the tokenizers' vocabulary, before special tokens)."""
+    words = ["a", "and", "to", "the", "left", "right", "of", "above", "below"]
+    words += list(COLORS) + list(SHAPES) + list(PLURALS.values()) + list(NUMBERS)
+    return sorted(set(words))

@@ -1,0 +1,38 @@
+"""Pure helpers of the eval runner: PSNR, per-category summary, grids."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bitflux.eval.grid import make_grid, pick_rows
+from bitflux.eval.runner import PromptItem, fidelity, psnr, summarize
+from bitflux.toy.world import Category
+
+
+def test_psnr():
+    a = np.zeros((4, 4, 3), np.uint8)
+    assert psnr(a, a) == 100.0
+    b = a.copy()
+    b[0, 0, 0] = 255  # mse = 255^2 / 48
+    assert abs(psnr(a, b) - 10 * np.log10(48)) < 1e-9
+
+
+def test_summarize_is_mean_over_categories():
+    items = [PromptItem("a circle", Category.SINGLE_OBJECT)] * 3 + [PromptItem("a red circle", Category.COLORS)]
+    v = np.array([[True, True, False, False]])
+    res = summarize(v, items)
+    assert res["single_object"] == round(2 / 3, 4) and res["colors"] == 0.0
+    assert res["overall"] == round((2 / 3) / 2, 4)
+
+
+def test_fidelity_agreement():
+    imgs = np.zeros((1, 2, 4, 4, 3), np.uint8)
+    f = fidelity(imgs, imgs, np.array([[True, False]]), np.array([[True, True]]))
+    assert f == {"psnr_db": 100.0, "verdict_agreement": 0.5}
+
+
+def test_grid_layout_and_rows():
+    cols = {"a": np.zeros((3, 32, 32, 3), np.uint8), "b": np.full((3, 32, 32, 3), 255, np.uint8)}
+    g = make_grid(cols, ["p1", "p2", "p3"])
+    assert g.height == 14 + 3 * 128
+    assert pick_rows(["x", "x", "y", "z"], 3) == [0, 2, 3]

@@ -1,0 +1,108 @@
+"""The toy world: deterministic rendering, a disjoint held-out split, a parseable grammar."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from bitflux.errors import BitfluxError
+from bitflux.toy import world as w
+
+
+def test_render_is_deterministic_from_seed():
+    a = [w.render(w.sample_scene(random.Random(7), c, "train")) for c in w.CATEGORIES]
+    b = [w.render(w.sample_scene(random.Random(7), c, "train")) for c in w.CATEGORIES]
+    for x, y in zip(a, b):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    c = [w.render(w.sample_scene(random.Random(8), cat, "train")) for cat in w.CATEGORIES]
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, c))
+    assert a[0].size == (w.IMAGE_SIZE, w.IMAGE_SIZE) and a[0].mode == "RGB"
+
+
+def test_scene_realises_its_spec():
+    rng = random.Random(0)
+    for _ in range(200):
+        cat = rng.choice(w.CATEGORIES)
+        s = w.sample_scene(rng, cat, rng.choice(["train", "heldout"]))
+        want = sum(o.count for o in s.spec.objects)
+        assert len(s.objects) == want
+        cells = [o.cell for o in s.objects]
+        assert len(set(cells)) == len(cells)
+        if s.spec.relation is not None:
+            assert w._relation_holds(s.spec.relation, cells[0], cells[1])
+
+
+def test_prompts_are_deterministic():
+    assert w.prompts("heldout", 30, seed=3) == w.prompts("heldout", 30, seed=3)
+    assert w.prompts("heldout", 30, seed=3) != w.prompts("heldout", 30, seed=4)
+
+
+def test_heldout_split_is_disjoint_from_train():
+    train = w.prompts("train", 600, seed=0)
+    held = w.prompts("heldout", 300, seed=0)
+    comp_train = {t for t, c in train if c != w.Category.SINGLE_OBJECT}
+    comp_held = {t for t, c in held if c != w.Category.SINGLE_OBJECT}
+    assert comp_held and comp_train
+    assert not comp_train & comp_held
+    for t in comp_held:
+        assert w.is_heldout(w.parse_prompt(t))
+    for t in comp_train:
+        assert not w.is_heldout(w.parse_prompt(t))
+        for color, shape in w.HELDOUT_COLOR_SHAPE:
+            assert f"{color} {shape}" not in t
+    # every category is present in both splits
+    assert {c for _, c in held} == set(w.CATEGORIES) == {c for _, c in train}
+
+
+def test_training_data_never_sees_heldout_prompts():
+    from bitflux.toy.build import build_tokenizer
+    from bitflux.toy.data import make_data
+
+    d = make_data(300, 0, build_tokenizer("clip"), build_tokenizer("t5"))
+    assert not any(w.is_heldout(w.parse_prompt(t)) for t in d.captions)
+    assert d.images.shape == (300, 3, w.IMAGE_SIZE, w.IMAGE_SIZE)
+    assert d.images.min() >= -1 and d.images.max() <= 1
+
+
+def test_parse_round_trip():
+    rng = random.Random(1)
+    for _ in range(500):
+        spec = w.sample_spec(rng, rng.choice(w.CATEGORIES), rng.choice(["train", "heldout"]))
+        text = w.caption_spec(spec)
+        assert w.parse_prompt(text) == spec
+        assert w.parse_prompt("  " + text.upper() + ". ") == spec
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "a dog",
+        "five red circles",
+        "two red circle",
+        "one red circles",
+        "a red circle and a blue circle",
+        "a red circle and a red square",
+        "a red circle and a square",
+        "a red circle to the left of a red square",
+        "a circle to the left of a square",
+        "a red circle near a blue square",
+    ],
+)
+def test_out_of_grammar_prompt_raises_typed_error(bad):
+    with pytest.raises(w.PromptError) as e:
+        w.parse_prompt(bad)
+    assert isinstance(e.value, BitfluxError)
+
+
+def test_grammar_covers_six_categories():
+    assert w.parse_prompt("a circle").category == w.Category.SINGLE_OBJECT
+    assert w.parse_prompt("a circle and a square").category == w.Category.TWO_OBJECT
+    assert w.parse_prompt("three red triangles").objects[0].count == 3
+    assert w.parse_prompt("a cyan diamond").category == w.Category.COLORS
+    p = w.parse_prompt("a red circle to the left of a blue square")
+    assert p.category == w.Category.POSITION and p.relation == w.Relation.LEFT
+    assert w.parse_prompt("a red circle and a blue square").category == w.Category.COLOR_ATTR
+    assert len(w.SHAPES) >= 4 and len(w.COLORS) >= 6
