@@ -83,3 +83,16 @@ def test_help_on_every_command(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "usage: bitflux " + cmd in capsys.readouterr().out
+
+
+def test_generate_bundled_and_quantised_toy(tmp_path, capsys):
+    from PIL import Image
+
+    code, out, _ = _run(capsys, "generate", "toy", "a red circle", "-o", tmp_path / "a.png", "--steps", "2", "--json")
+    assert code == 0 and json.loads(out)["size"] == [32, 32]
+    assert _run(capsys, "quantize", "toy", tmp_path / "q", "--json")[0] == 0
+    code, out, _ = _run(capsys, "generate", tmp_path / "q", "a red circle", "-o", tmp_path / "b.png", "--steps", "2", "--json")
+    assert code == 0 and json.loads(out)["transformer"] == str(tmp_path / "q")
+    assert Image.open(tmp_path / "b.png").size == (32, 32)
+    code, out, err = _run(capsys, "generate", "toy", "x", "-o", tmp_path / "a.png")
+    assert code == 2 and "exists" in err

@@ -73,6 +73,11 @@ def _generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     kwargs = {k: getattr(args, k) for k in ("height", "width", "guidance_scale") if getattr(args, k) is not None}
+    kwargs = {**_pipeline_defaults(ref.pipeline), **kwargs}
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else kwargs.pop("cfg_scale", None)
+    kwargs.pop("cfg_scale", None)
+    if cfg_scale is not None and cfg_scale > 1:  # real classifier-free guidance, empty negative prompt
+        kwargs.update(true_cfg_scale=cfg_scale, negative_prompt="")
     image = pipe(
         args.prompt,
         num_inference_steps=args.steps,
@@ -95,6 +100,17 @@ def _generate(args: argparse.Namespace) -> int:
     }
     print_result(report, args.json, f"wrote {out} ({image.size[0]}x{image.size[1]}) in {seconds:.1f}s")
     return 0
+
+
+def _pipeline_defaults(pipeline: str) -> dict:
+    """Generation defaults a bundled toy pipeline records (image size, guidance), else none."""
+    info = Path(pipeline) / "bitflux_toy.json"
+    if not info.is_file():
+        return {}
+    from .checkpoint import read_json
+
+    size = read_json(info).get("image_size")
+    return {"height": size, "width": size, "cfg_scale": 3.0} if size else {}
 
 
 # ----------------------------------------------------------------------------------------- inspect
@@ -148,6 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, help="image height (default: the pipeline's)")
     p.add_argument("--width", type=int, help="image width (default: the pipeline's)")
     p.add_argument("--guidance-scale", dest="guidance_scale", type=float, help="guidance (default: pipeline's)")
+    p.add_argument("--cfg-scale", dest="cfg_scale", type=float, help="real CFG scale with an empty negative prompt (toy: 3)")
     p.add_argument("--activations", choices=choices(ActPrecision), help="override activation precision")
     p.add_argument("--backend", choices=choices(Backend), help="force a kernel backend (default auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
