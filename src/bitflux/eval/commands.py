@@ -50,6 +50,13 @@ def _run(args: argparse.Namespace) -> int:
     items = load_prompts(args.prompts, args.n, args.prompt_seed)
     cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg_scale)
     pipe = load_model(args.model, naive=args.naive)
+    if args.activations or args.backend:
+        from ..quantize import set_activations, set_backend
+
+        if args.activations:
+            set_activations(pipe.transformer, args.activations)
+        if args.backend:
+            set_backend(pipe.transformer, args.backend)
     ref = resolve(args.model, "toy")
     try:
         toy_dir: Path | None = Path(bundled_path("toy")).resolve()
@@ -107,6 +114,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.cfg_scale,
         help=f"real classifier-free guidance scale, FluxPipeline's true_cfg_scale (default {d.cfg_scale}; 1 disables)",
     )
+    p.add_argument("--activations", choices=["bf16", "int8", "fp8"], help="override the ternary layers' activation precision")
+    p.add_argument("--backend", choices=["auto", "reference", "triton", "cpu"], help="force a kernel backend")
     p.add_argument("--naive", action="store_true", help="ternarise the model in memory by plain absmean rounding first")
     p.add_argument("--grid", metavar="PNG", help="save a grid: toy (full precision) vs MODEL on a few prompts")
     p.add_argument("--no-fidelity", action="store_true", help="skip generating the toy reference (halves the time)")
