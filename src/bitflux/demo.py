@@ -1,7 +1,7 @@
 """`make demo`: the main job end to end on the bundled model, with no download.
 
 Quantises the bundled `toy` FLUX, saves it packed, reloads it (checking the reloaded model is
-bit-identical), then draws a few prompts with bf16, naive ternary and the calibrated
+bit-identical), then draws a few prompts with full precision, naive ternary and the calibrated
 `toy-1.58bit` side by side into out/demo.png, and prints the sizes.
 """
 
@@ -37,7 +37,7 @@ def main() -> int:
     items = [PromptItem(p, parse_prompt(p).category) for p in PROMPTS]
     cfg = EvalConfig(batch=len(PROMPTS))
     pipe = load_model("toy")
-    columns = {"bf16": generate(pipe, items, 1, cfg)[0]}
+    columns = {"full precision": generate(pipe, items, 1, cfg)[0]}
 
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         quantize(pipe.transformer, QuantConfig(format="2bit", init="absmean", source="toy"))
