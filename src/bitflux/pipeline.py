@@ -54,8 +54,8 @@ def resolve(model: str, base: str | None = None) -> ModelRef:
             src_path = bundled(src) or Path(src)
             if (src_path / "model_index.json").is_file():
                 return ModelRef(str(src_path), str(path))
-            if base is not None and is_hub_id(base):
-                return ModelRef(base, str(path))
+            if is_hub_id(src) and not src_path.exists():  # recorded or given hub id (needs network)
+                return ModelRef(src, str(path))
             raise ModelError(f"{model}: a bare quantised transformer needs --base PIPELINE (text encoders, VAE)")
         if (path / "config.json").is_file():
             if base is None:
