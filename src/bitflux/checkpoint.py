@@ -218,7 +218,7 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig: Quan
         t = state[k]
         if t.shape != ref.shape:
             raise CheckpointError(f"{where}: {k} has shape {tuple(t.shape)}, config.json implies {tuple(ref.shape)}")
-        if ref.dtype in (torch.uint8, torch.bfloat16) and k.endswith((".qweight", ".scale")) and t.dtype != ref.dtype:
+        if k.endswith((".qweight", ".scale")) and t.dtype != ref.dtype:  # packed tensors have fixed dtypes
             raise CheckpointError(f"{where}: {k} has dtype {t.dtype}, expected {ref.dtype}")
     for name, mod in model.named_modules():
         if isinstance(mod, TernaryLinear):

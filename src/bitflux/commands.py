@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -59,6 +58,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .eval.grid import save_image
     from .pipeline import load_pipeline, load_transformer, resolve
 
     out = Path(args.output)
@@ -85,12 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
         **kwargs,
     ).images[0]
     seconds = time.perf_counter() - t0
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
-    try:
-        image.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_image(image, out)  # temp name + rename, never overwrites
     report = {
         "output": str(out),
         "pipeline": ref.pipeline,

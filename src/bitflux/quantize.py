@@ -7,7 +7,7 @@ from dataclasses import replace
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import Backend, QuantConfig
+from .config import ActPrecision, Backend, QuantConfig
 from .errors import ModelError
 from .linear import TernaryLinear
 from .policies import get_policy
@@ -58,8 +58,6 @@ def set_backend(model: nn.Module, backend: Backend | str) -> nn.Module:
 
 def set_activations(model: nn.Module, act: str) -> nn.Module:
     """Override the activation precision (bf16 | int8 | fp8) of every TernaryLinear."""
-    from .config import ActPrecision
-
     act = ActPrecision(act)
     for m in model.modules():
         if isinstance(m, TernaryLinear):

@@ -30,36 +30,21 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-# (where it occurs in FluxTransformer2DModel, K = in_features, N = out_features), deduplicated
-FLUX_SHAPES: tuple[tuple[str, int, int], ...] = (
-    ("attn to_q/k/v/out, add_q/k/v_proj, to_add_out", 3072, 3072),
-    ("ff(_context).net.0.proj, single proj_mlp", 3072, 12288),
-    ("ff(_context).net.2", 12288, 3072),
-    ("double norm1(_context).linear", 3072, 18432),
-    ("single norm.linear", 3072, 9216),
-    ("single proj_out", 15360, 3072),
-)
+from .common import FLUX_LINEAR_SHAPES, default_out, result_path
+
+# (where it occurs, K = in_features, N = out_features): the distinct FLUX.1-dev block-linear shapes
+FLUX_SHAPES: tuple[tuple[str, int, int], ...] = tuple((s.name, s.k, s.n) for s in FLUX_LINEAR_SHAPES)
 M_VALUES = (1, 64, 256)
 METHODS = ("bf16", "fp32", "ternary")
-FLUX_DEV_CONFIG: dict[str, Any] = dict(  # FluxTransformer2DModel of FLUX.1-dev (built on meta, no download)
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
 _ISA_FLAGS = (  # lscpu flags that decide int8 / bf16 GEMM speed
     "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
     "amx_bf16",
 )
 
 
-def _default_out() -> Path:
-    repo = Path(__file__).resolve().parents[3]  # src/bitflux/bench/cpu.py -> repo root
-    return repo / "bench" / "results" if (repo / "pyproject.toml").exists() else Path("bench/results")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the CPU benchmark (no --device: the caller owns that)."""
-    parser.add_argument("--out", type=Path, default=_default_out(), help="folder for the JSON result")
+    parser.add_argument("--out", type=Path, default=default_out(), help="folder for the JSON result")
     parser.add_argument("--parts", default="linears,toy,memory", help="comma list of: linears, toy, memory")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch.set_num_threads (default: all cores)")
@@ -242,31 +227,18 @@ def run_toy(steps: int, iters: int) -> dict[str, Any]:
 def flux_memory(fmt: str) -> dict[str, Any]:
     """Weight bytes of the whole FLUX.1-dev transformer (built on the meta device): bf16 vs ternary.
 
-    Counts every parameter and buffer, so the layers the policy leaves in bf16 (embedders,
-    norm_out, proj_out) are included; only shapes are needed, nothing is allocated.
+    The ternary bytes are those `save` writes, kept bf16 layers (embedders, norm_out, proj_out)
+    included (`bitflux.inspect`); nothing is allocated.
     """
-    from diffusers import FluxTransformer2DModel
-
-    from .. import quantize
     from ..config import QuantConfig
+    from ..inspect import inspect_arch
 
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**FLUX_DEV_CONFIG)
-    for p in model.parameters():
-        p.data = p.data.to(torch.bfloat16)  # the checkpoint dtype (meta: no memory)
-    bf16 = _weight_bytes(model)
-    quantize(model, QuantConfig(format=fmt))
-    tern = _weight_bytes(model)
-    return dict(model="FLUX.1-dev transformer", fmt=fmt, bf16_bytes=bf16, ternary_bytes=tern,
-                ratio=round(tern / bf16, 4))
+    r = inspect_arch("flux-dev", QuantConfig(format=fmt))
+    return dict(model="FLUX.1-dev transformer", fmt=fmt, bf16_bytes=r["bf16_bytes"], ternary_bytes=r["bytes"],
+                ratio=round(r["bytes"] / r["bf16_bytes"], 4))
 
 
 # ------------------------------------------------------------------------------------------- main
-def result_path(out: Path) -> Path:
-    """One JSON file per run, named by its UTC start time."""
-    return out / f"cpu-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-
-
 def main(args: argparse.Namespace) -> int:
     from ..kernels import cpu_int8
 
@@ -307,7 +279,7 @@ def main(args: argparse.Namespace) -> int:
         say(f"FLUX.1-dev transformer weights: bf16 {mem['bf16_bytes'] / 2**30:.2f} GiB, ternary "
             f"{mem['ternary_bytes'] / 2**30:.2f} GiB ({mem['ratio']:.3f} of bf16)")
     result["machine"]["loadavg_end"] = os.getloadavg()
-    path = result_path(args.out)
+    path = result_path(args.out, "cpu")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     if args.json:

@@ -26,62 +26,23 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-HIDDEN = 3072  # FLUX.1-dev model width (24 heads x 128)
-MLP = 4 * HIDDEN
-DOUBLE_BLOCKS, SINGLE_BLOCKS = 19, 38
+from .common import FLUX_DEV_CONFIG, FLUX_LINEAR_SHAPES, default_out, result_path
+
 M_VALUES = (1, 512, 4608)  # AdaLN rows per image; text tokens; image + text tokens at 1024 px
-FLUX_DEV_CONFIG: dict[str, Any] = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=DOUBLE_BLOCKS,
-    num_single_layers=SINGLE_BLOCKS,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512  # 1024x1024: (1024 / 8 / 2)^2 latent patches; T5 length
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    """A distinct block-linear shape of FLUX.1-dev and where it occurs."""
-
-    name: str
-    k: int  # in_features
-    n: int  # out_features
-    count: int  # how many block linears have this shape
-    rows: str  # rows it sees in one 1024 px denoising step (batch 1)
-
-
-FLUX_LINEAR_SHAPES: tuple[LinearShape, ...] = (
-    LinearShape("double norm1/norm1_context.linear (AdaLN)", HIDDEN, 6 * HIDDEN, 2 * DOUBLE_BLOCKS, "1"),
-    LinearShape("single norm.linear (AdaLN)", HIDDEN, 3 * HIDDEN, SINGLE_BLOCKS, "1"),
-    LinearShape("attn q/k/v/out, add_*_proj, to_add_out", HIDDEN, HIDDEN, 8 * DOUBLE_BLOCKS + 3 * SINGLE_BLOCKS, "4096|512|4608"),
-    LinearShape("ff(.context).net.0.proj, single proj_mlp", HIDDEN, MLP, 2 * DOUBLE_BLOCKS + SINGLE_BLOCKS, "4096|512|4608"),
-    LinearShape("ff(.context).net.2", MLP, HIDDEN, 2 * DOUBLE_BLOCKS, "4096|512"),
-    LinearShape("single proj_out", HIDDEN + MLP, HIDDEN, SINGLE_BLOCKS, "4608"),
-)
 LINEAR_METHODS = ("bf16", "int8_sol", "fp8_sol", "w158a16", "w158a8_int8", "w158a8_int8_fused", "w158a8_fp8", "w158a8_fp8_fused")
 MODEL_VARIANTS = ("bf16", "w158a16", "w158a8_int8", "w158a8_fp8")
 
 
-def _default_out() -> Path:
-    repo = Path(__file__).resolve().parents[3]  # src/bitflux/bench/gpu.py -> repo root
-    return repo / "bench" / "results" if (repo / "pyproject.toml").exists() else Path("bench/results")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the GPU benchmark (no --device: the caller owns that)."""
-    parser.add_argument("--out", type=Path, default=_default_out(), help="folder for the JSON result")
+    parser.add_argument("--out", type=Path, default=default_out(), help="folder for the JSON result")
     parser.add_argument("--parts", default="linears,model", help="comma list of: linears, model")
     parser.add_argument("--m", type=int, nargs="+", default=list(M_VALUES), help="rows per linear")
     parser.add_argument("--no-compile", action="store_true", help="model: eager only")
@@ -140,11 +101,6 @@ def format_model_table(rows: list[dict[str, Any]]) -> str:
         ratio = base.get(r["mode"], 0) / r["ms"] if r["ms"] else 0
         lines.append(f"{r['variant']:>12} {r['mode']:>8} {r['ms']:9.1f} {ratio:7.2f}x {r['peak_gib']:9.2f} {r['weights_gib']:11.2f}")
     return "\n".join(lines)
-
-
-def result_path(out: Path) -> Path:
-    """Where this run's JSON goes: one file per run, named by its UTC start time."""
-    return out / f"gpu-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:
@@ -338,7 +294,7 @@ def run_model(iters: int, compile_: bool) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> int:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    path = result_path(args.out)
+    path = result_path(args.out, "gpu")
     result: dict[str, Any] = dict(
         benchmark="bitflux.bench.gpu",
         machine=machine_info(),
