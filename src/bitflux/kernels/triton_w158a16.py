@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import decode_2bit, grouped_tile
+
 TARGET_PROGRAMS = 132  # H100 SXM streaming multiprocessors: split-K aims to give each one a tile
 
 
@@ -98,8 +100,7 @@ def _step_dup_bytes(acc, x_rows, w_cols, kk, shift, k_hi, stride_xk, m_ok, n_ok,
     k_ok = kk < k_hi  # (BK,)
     x = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok & k_ok[None, :], other=0.0)  # (BM, BK)
     packed = tl.load(w_cols + (kk // 4)[:, None], mask=k_ok[:, None] & n_ok, other=0)  # (BK, BN) u8
-    f = (packed >> shift) & 3
-    t = (f & 1).to(tl.int8) - (f >> 1).to(tl.int8)  # (BK, BN) in {-1, 0, 1}
+    t = decode_2bit(packed, shift)  # (BK, BN) in {-1, 0, 1}
     return tl.dot(x, t.to(x.dtype), acc, input_precision=DOT_PRECISION)
 
 
@@ -110,8 +111,7 @@ def _step_split_dots(acc, x_rows, w_cols, jj, k_hi, stride_xk, m_ok, n_ok, DOT_P
     for i in tl.static_range(4):
         kk = 4 * jj + i  # (BK/4,) activation columns holding bit position i
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok & (kk[None, :] < k_hi), other=0.0)  # (BM, BK/4)
-        f = (packed >> (2 * i)) & 3
-        t = (f & 1).to(tl.int8) - (f >> 1).to(tl.int8)  # (BK/4, BN)
+        t = decode_2bit(packed, 2 * i)  # (BK/4, BN)
         acc = tl.dot(x, t.to(x.dtype), acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -141,14 +141,7 @@ def _w158a16_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M consecutive M-tiles walk N together, so weight tiles stay in L2.
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)

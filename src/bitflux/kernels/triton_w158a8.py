@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import decode_2bit, grouped_tile
+
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -141,13 +143,7 @@ def _w158a8_kernel(
     GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
@@ -182,8 +178,7 @@ def _w158a8_kernel(
             mask=k_ok[:, None] & n_ok,
             other=0,
         )  # (BK, BN) uint8
-        f = (packed >> shift) & 3
-        t = (f & 1).to(tl.int8) - (f >> 1).to(tl.int8)  # (BK, BN) in {-1, 0, 1}
+        t = decode_2bit(packed, shift)  # (BK, BN) in {-1, 0, 1}
         if IS_FP8:
             acc = tl.dot(a, t.to(tl.float16).to(tl.float8e4nv), acc, out_dtype=tl.float32)
         else:
