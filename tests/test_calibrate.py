@@ -101,3 +101,26 @@ def test_blockwise_mode_through_calibrate(pipe):
     n_blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
     assert steps == list(range(1, n_blocks * max(1, cfg.steps // n_blocks) + 1))
     assert any(isinstance(m, TernaryLinear) for m in model.modules()) and stats["final_loss"] is not None
+
+
+def test_killed_blockwise_run_resumes_from_the_last_finished_block(pipe, tmp_path):
+    cfg = CalibConfig(**{**SMALL, "mode": "blockwise", "steps": 12, "checkpoint_every": 0})
+    n_blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    per = max(1, cfg.steps // n_blocks)
+    whole, _ = calibrate(pipe, PROMPTS, cfg, progress=False)
+
+    def die(step, _loss):
+        if step == 2 * per + 1:  # first step of block 2: blocks 0 and 1 are saved
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die)
+    assert sorted(p.name for p in work.glob("block-*.safetensors")) == ["block-000.safetensors", "block-001.safetensors"]
+    steps = []
+    resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=lambda s, _l: steps.append(s))
+    assert steps[0] == 2 * per + 1 and steps[-1] == n_blocks * per  # blocks 0, 1 were not retrained
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="different calibration config"):
+        calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "mode": "blockwise", "steps": 12, "lr": 1e-4}), work_dir=work, progress=False)

@@ -87,6 +87,7 @@ class CalibConfig:
     pipe_kwargs: dict[str, Any] = field(default_factory=dict)  # extra FluxPipeline call arguments
     record_batch: int = 16  # prompts per teacher pipeline call
     mode: Mode = Mode.JOINT  # joint or block-wise training (see calibrate_blockwise.py)
+    block_pool: int = 0  # block-wise: recorded calls carried from block to block (0: all)
 
     def __post_init__(self) -> None:
         enums = (("init", InitMethod), ("train", TrainWhat), ("loss", LossKind), ("format", PackFormat), ("mode", Mode))
@@ -346,7 +347,7 @@ def calibrate(
         calls = record_states(pipe, prompts, config, progress, config.record_batch)
     t_rec = time.perf_counter() - t0
     teacher = copy.deepcopy(pipe.transformer).float().eval()
-    if config.mode is Mode.BLOCKWISE:  # no resume yet: each block is short at toy scale
+    if config.mode is Mode.BLOCKWISE:  # resumable per finished block (see calibrate_blockwise)
         from .calibrate_blockwise import train_blockwise
 
         losses: list[float] = []
@@ -357,7 +358,7 @@ def calibrate(
             if on_step is not None:
                 on_step(block * per_block + step + 1, loss)
 
-        student = train_blockwise(teacher, calls, config, progress, on_step=_step)
+        student = train_blockwise(teacher, calls, config, progress, on_step=_step, work=work)
     else:
         student, losses = train(teacher, calls, config, work, progress, on_step)
     model = finalize(pipe.transformer, student, config, source)

@@ -7,14 +7,14 @@ trained alone to reproduce the frozen teacher's block i on the teacher's own inp
 recorded states, so only one block's gradients + optimiser state (+ its activations) exist at a
 time; the optimiser is dropped before the next block starts.
 
-How each step of block i gets its data: a batch of recorded calls (chosen by a generator seeded
-from (config.seed, i, step), so a run is a pure function of its inputs) is pushed through the
-teacher under `torch.no_grad()`; a forward pre-hook on teacher block i captures its exact call
-(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs) and a
-forward hook its output (encoder_hidden_states, hidden_states), then raises `_Stop` so the rest of
-the teacher is not run. With `input_source="student"` the block input is instead captured from
-the student (whose blocks < i are already calibrated) while the target stays the teacher's block
-output: the block then also learns to correct the error accumulated upstream.
+How block i gets its data: a pool of recorded calls (`CalibConfig.block_pool`, 0 = all) is pushed
+through the teacher once as far as block 0 (a forward pre-hook captures the block's exact keyword
+call and raises `_Stop`, so the rest of the model never runs). The pool's hidden states are then
+carried forward: block i's targets are the frozen teacher block i applied to the teacher stream,
+and they become block i+1's inputs. With `input_source="student"` a second stream advances
+through each trained student block instead, so later blocks also learn to correct the error
+accumulated upstream (the targets stay the teacher's). Each step draws a batch from the pool with
+a generator seeded from (config.seed, i, step), so a run is a pure function of its inputs.
 
 The loss is the mean of the normalised MSEs (`calibrate._nmse`) of the block's two outputs;
 `config.loss` is ignored (block matching is the method). Each block gets
@@ -22,6 +22,12 @@ max(1, config.steps // n_blocks) Adam steps with the cosine schedule of `calibra
 
 The returned student is the `build_student` module (every block trained), so `finalize` turns
 it into trunk-format TernaryLinears unchanged.
+
+Resumable per block: with `work`, each finished block's trained tensors are written atomically to
+`work/block-NNN.safetensors` and `work/blockwise.json` records how many blocks are done (and the
+config, so a mismatched resume is refused). A killed run re-run with the same `work` reloads the
+finished blocks and continues with the next one; since each block's batches are a pure function of
+(seed, block, step), the result equals an uninterrupted run's.
 
 Scale notes (FLUX.1-dev on one 80 GB GPU; see bench/calib_memory.py for measured numbers):
 - the teacher may stay bf16 on the GPU (23.8 GB) and is never cast; block inputs are cast to the
@@ -33,21 +39,26 @@ Scale notes (FLUX.1-dev on one 80 GB GPU; see bench/calib_memory.py for measured
   checkpoints each parameterised child of the trained block (norms' modulation Linears, attn,
   ff, ff_context / proj_mlp, proj_out), so only child inputs/outputs are kept and a child's
   internals (incl. each ternary Linear's materialised fp32 weight) are recomputed in backward.
-- `input_source="student"` runs the student's prefix where the student lives (CPU at scale):
-  slow for late blocks; at scale carry the student's boundary activations instead.
+- the carried streams cost 2 x pool x tokens x width values (bf16 at scale: 28 MB per state at
+  4608 tokens, so a pool of 256 is 7 GB per stream, kept where the teacher is or in host RAM).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .calibrate import CalibConfig, _batch, _nmse, build_student
+from .errors import CheckpointError
 
 InputSource = Literal["teacher", "student"]
 
@@ -173,6 +184,79 @@ def block_losses(
     return out
 
 
+def _trained(blk: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in blk.named_parameters() if p.requires_grad}
+
+
+def _blocks_done(work: Path, config: CalibConfig, n_blocks: int) -> int:
+    """How many blocks a previous run in `work` finished (0 without one); refuses another config's run."""
+    meta_path = work / "blockwise.json"
+    if not meta_path.exists():
+        return 0
+    meta = json.loads(meta_path.read_text())
+    if meta.get("config") != config.to_dict() or meta.get("blocks") != n_blocks:
+        raise CheckpointError(f"{work}: resume checkpoint was made with a different calibration config")
+    return int(meta["done"])
+
+
+def _save_block(work: Path, i: int, blk: nn.Module, config: CalibConfig, n_blocks: int) -> None:
+    """Write block i's trained tensors, then mark blocks 0..i done (both atomic renames)."""
+    path = work / f"block-{i:03d}.safetensors"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({n: p.detach().cpu().contiguous() for n, p in _trained(blk).items()}, str(tmp))
+    os.replace(tmp, path)
+    meta = work / ".blockwise.json.tmp"
+    meta.write_text(json.dumps({"done": i + 1, "blocks": n_blocks, "config": config.to_dict()}))
+    os.replace(meta, work / "blockwise.json")
+
+
+def _load_block(work: Path, i: int, blk: nn.Module) -> None:
+    tensors = load_file(str(work / f"block-{i:03d}.safetensors"))
+    with torch.no_grad():
+        for n, p in _trained(blk).items():
+            p.copy_(tensors[n])
+
+
+Stream = dict[str, torch.Tensor]  # "hidden_states" (P, S_img, C), "encoder_hidden_states" (P, S_txt, C)
+
+
+def pool_indices(n_calls: int, pool: int, seed: int) -> list[int]:
+    """The recorded calls carried block to block: all of them, or a seeded sorted subset of `pool`."""
+    if pool <= 0 or pool >= n_calls:
+        return list(range(n_calls))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    return sorted(torch.randperm(n_calls, generator=g)[:pool].tolist())
+
+
+def _first_inputs(teacher: nn.Module, calls: list[dict[str, torch.Tensor]], pool: list[int], chunk: int):
+    """Block 0's inputs for every pooled call: (stream, temb (P, D), shared kwargs)."""
+    parts: list[dict[str, Any]] = []
+    for c0 in range(0, len(pool), chunk):
+        args, kwargs, _ = capture_block(teacher, 0, _batch(calls, pool[c0 : c0 + chunk]), need_output=False)
+        if args:
+            raise RuntimeError("expected the model to call its blocks with keyword arguments only")
+        parts.append(kwargs)
+    stream = {k: torch.cat([p[k] for p in parts]) for k in ("hidden_states", "encoder_hidden_states")}
+    temb = torch.cat([p["temb"] for p in parts])
+    shared = {k: v for k, v in parts[0].items() if k not in ("hidden_states", "encoder_hidden_states", "temb")}
+    return stream, temb, shared
+
+
+@torch.no_grad()
+def _run_block(blk: nn.Module, stream: Stream, temb: torch.Tensor, shared: dict[str, Any], chunk: int) -> Stream:
+    """Block outputs for the whole pool, chunk by chunk, in the stream's dtype and device."""
+    p = _first_param(blk)
+    enc, hid = [], []
+    for c0 in range(0, len(temb), chunk):
+        sl = slice(c0, c0 + chunk)
+        kw = {"hidden_states": stream["hidden_states"][sl], "encoder_hidden_states": stream["encoder_hidden_states"][sl], "temb": temb[sl]}
+        e, h = blk(**_cast(kw, p.dtype, p.device), **_cast(shared, p.dtype, p.device))
+        ref = stream["hidden_states"]
+        enc.append(e.to(ref.dtype).to(ref.device))
+        hid.append(h.to(ref.dtype).to(ref.device))
+    return {"hidden_states": torch.cat(hid), "encoder_hidden_states": torch.cat(enc)}
+
+
 def train_blockwise(
     teacher: nn.Module,
     calls: list[dict[str, torch.Tensor]],
@@ -184,13 +268,24 @@ def train_blockwise(
     grad_checkpoint: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
     on_block: Callable[[int, nn.Module], None] | None = None,
+    work: Path | str | None = None,
+    chunk: int = 64,
 ) -> nn.Module:
     """Calibrate a `build_student` copy of `teacher` block by block; returns the student.
 
-    `calls` are `record_states` entries. The teacher is only put in eval mode (dtype and device
-    kept). `device`: where the trained block and its optimiser live (default: the teacher's);
-    the block is moved back to the student's device afterwards. `on_step(block, step, loss)`
-    after every step; `on_block(block, student)` after each block is done.
+    Block inputs are carried forward, not recomputed: a pool of recorded calls
+    (`config.block_pool`, 0 = all) is pushed through the teacher once up to block 0; after block i
+    is trained, the pool's teacher stream advances through teacher block i (its outputs are block
+    i's targets and block i+1's inputs), and with `input_source="student"` a second stream advances
+    through the trained student block. So each block costs one teacher-block pass over the pool
+    plus its own training steps, instead of re-running the teacher's prefix every step.
+
+    `calls` are `record_states` entries (one resolution). The teacher is only put in eval mode
+    (dtype and device kept); streams live where the teacher does, in its dtype. `device`: where the
+    trained block and its optimiser live (default: the teacher's). `on_step(block, step, loss)`
+    after every step; `on_block(block, student)` after each block is done. `work`: directory for
+    per-block checkpoints; blocks a previous run there finished are loaded, not retrained. `chunk`:
+    pool entries per no-grad block pass.
     """
     if input_source not in ("teacher", "student"):
         raise ValueError(f"input_source must be 'teacher' or 'student', not {input_source!r}")
@@ -203,40 +298,78 @@ def train_blockwise(
     n = len(s_blocks)
     steps = max(1, config.steps // n)
     dev = torch.device(device) if device is not None else _first_param(teacher).device
-    bar = tqdm(total=n * steps, desc="calibrate (block-wise)", disable=not progress)
+    work = Path(work) if work is not None else None
+    done = 0
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        done = _blocks_done(work, config, n)
+    pool = pool_indices(len(calls), config.block_pool, config.seed)
+    t_stream, temb, shared = _first_inputs(teacher, calls, pool, chunk)
+    s_stream = t_stream
+    bar = tqdm(total=n * steps, desc="calibrate (block-wise)", disable=not progress, initial=done * steps)
     for i, blk in enumerate(s_blocks):
-        home = _first_param(blk).device
-        blk.to(dev)
-        dtype = _first_param(blk).dtype  # fp32
-        params = [p for p in blk.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=config.lr)
-        undo = checkpoint_children(blk) if grad_checkpoint else None
-        try:
-            for step in range(steps):
-                g = torch.Generator().manual_seed(block_seed(config.seed, i, step))
-                kw = _batch(calls, torch.randint(len(calls), (config.batch,), generator=g).tolist())
-                args, kwargs, t_out = capture_block(teacher, i, kw)  # t_out: (enc (B,S_txt,C), img (B,S_img,C))
-                if input_source == "student":  # upstream student blocks (already calibrated) feed block i
-                    args, kwargs, _ = capture_block(student, i, kw, need_output=False)
-                args, kwargs, t_out = _cast((args, kwargs, t_out), dtype, dev)
-                loss = block_loss(blk(*args, **kwargs), t_out)
-                for group in opt.param_groups:  # cosine decay to 10 %, as calibrate.train
-                    group["lr"] = config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                value = loss.item()
-                bar.update(1)
-                bar.set_postfix(block=i, loss=f"{value:.4f}")
-                if on_step is not None:
-                    on_step(i, step, value)
-        finally:
-            if undo is not None:
-                undo()
-            opt.zero_grad(set_to_none=True)
-            del opt  # this block's Adam moments are freed before the next block
-            blk.to(home)
-        if on_block is not None:
-            on_block(i, student)
+        target = _run_block(t_blocks[i], t_stream, temb, shared, chunk)  # block i's teacher outputs
+        if i < done:
+            _load_block(work, i, blk)  # type: ignore[arg-type]
+        else:
+            _train_block(i, blk, s_stream, temb, shared, target, config, steps, dev, grad_checkpoint, bar, on_step)
+            if work is not None:
+                _save_block(work, i, blk, config, n)
+            if on_block is not None:
+                on_block(i, student)
+        if input_source == "student":  # the next block learns to correct the calibrated prefix's error
+            s_stream = _run_block(blk, s_stream, temb, shared, chunk)
+        t_stream = target
+        if input_source == "teacher":
+            s_stream = t_stream
     bar.close()
     return student
+
+
+def _train_block(
+    i: int,
+    blk: nn.Module,
+    inputs: Stream,
+    temb: torch.Tensor,
+    shared: dict[str, Any],
+    target: Stream,
+    config: CalibConfig,
+    steps: int,
+    dev: torch.device,
+    grad_checkpoint: bool,
+    bar: Any,
+    on_step: Callable[[int, int, float], None] | None,
+) -> None:
+    """Adam on block i's trainable tensors: match the teacher block's outputs on pooled inputs."""
+    home = _first_param(blk).device
+    blk.to(dev)
+    dtype = _first_param(blk).dtype  # fp32
+    params = [p for p in blk.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=config.lr)
+    undo = checkpoint_children(blk) if grad_checkpoint else None
+    fixed = _cast(shared, dtype, dev)
+    n_pool = len(temb)
+    try:
+        for step in range(steps):
+            g = torch.Generator().manual_seed(block_seed(config.seed, i, step))
+            idx = torch.randint(n_pool, (config.batch,), generator=g)
+            kw = {"hidden_states": inputs["hidden_states"][idx], "encoder_hidden_states": inputs["encoder_hidden_states"][idx], "temb": temb[idx]}
+            t_out = (target["encoder_hidden_states"][idx], target["hidden_states"][idx])
+            kw, t_out = _cast((kw, t_out), dtype, dev)
+            loss = block_loss(blk(**kw, **fixed), t_out)
+            for group in opt.param_groups:  # cosine decay to 10 %, as calibrate.train
+                group["lr"] = config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = loss.item()
+            bar.update(1)
+            bar.set_postfix(block=i, loss=f"{value:.4f}")
+            if on_step is not None:
+                on_step(i, step, value)
+    finally:
+        if undo is not None:
+            undo()
+        opt.zero_grad(set_to_none=True)
+        del opt  # this block's Adam moments are freed before the next block
+        blk.to(home)

@@ -98,14 +98,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _pipeline_defaults(pipeline: str) -> dict:
-    """Generation defaults a bundled toy pipeline records (image size, guidance), else none."""
+    """Generation defaults a toy pipeline records (image size, guidance, text length), else none."""
     info = Path(pipeline) / "bitflux_toy.json"
     if not info.is_file():
         return {}
     from .checkpoint import read_json
 
-    size = read_json(info).get("image_size")
-    return {"height": size, "width": size, "cfg_scale": 3.0} if size else {}
+    rec = read_json(info)
+    size = rec.get("image_size")
+    if not size:
+        return {}
+    return {"height": size, "width": size, "cfg_scale": 3.0, "max_sequence_length": rec.get("max_sequence_length", 16)}
 
 
 # ----------------------------------------------------------------------------------------- inspect

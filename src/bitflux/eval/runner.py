@@ -26,7 +26,7 @@ class EvalConfig:
     steps: int = 12  # Euler steps
     seeds: int = 1  # images per prompt
     cfg_scale: float = 3.0  # real classifier-free guidance (true_cfg_scale, negative prompt "")
-    max_sequence_length: int = 16  # T5 padding; the toy model is trained for 16..512
+    max_sequence_length: int = 16  # T5 padding; the toy model is trained and used with 16 (build.TEXT_LENGTH)
     batch: int = 24  # prompts per pipeline call
     size: int = IMAGE_SIZE
 

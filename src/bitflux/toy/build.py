@@ -2,9 +2,10 @@
 
 Design: 32x32 RGB images, a 16-channel AutoencoderKL with 4x downsampling (8x8 latents, 4x4 = 16
 packed image tokens of 64 channels, as FLUX), a FLUX transformer with 2 double and 4 single blocks of width 128, a tiny
-CLIP text model (learned, order-aware: its pooled EOS state carries word order) and a T5 encoder
-with zero layers (embedding + RMSNorm), so every padding token's embedding is identical, which lets
-training reproduce the pipeline's 512-token padding exactly and cheaply (see train.pad_bias).
+CLIP text model (learned, order-aware: its pooled EOS state carries word order) and a 2-layer T5
+encoder, learned too: FLUX gives text tokens no position (txt_ids are zeros), so only T5's
+relative-position attention can bind "red" to "circle" and tell "left of" which object comes first.
+Text is always padded to TEXT_LENGTH = 16 tokens (bitflux passes max_sequence_length=16 for the toy).
 Guidance: guidance_embeds=False; the model is trained with 10% empty prompts so real
 classifier-free guidance works through FluxPipeline's `true_cfg_scale` + `negative_prompt=""`.
 """
@@ -23,6 +24,7 @@ from .world import IMAGE_SIZE, vocabulary
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0..3
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CLIP_MAX_LENGTH = 16  # FluxPipeline pads CLIP input to tokenizer.model_max_length
+TEXT_LENGTH = 16  # T5 padding the toy is trained and used with (FluxPipeline's max_sequence_length)
 LATENT_CHANNELS = 16
 
 
@@ -35,6 +37,7 @@ class ToyConfig:
     num_layers: int = 2  # double-stream blocks
     num_single_layers: int = 4  # single-stream blocks
     text_dim: int = 64  # CLIP hidden = T5 d_model
+    t5_layers: int = 2
     vae_channels: tuple[int, ...] = (16, 32, 32)
 
 
@@ -68,7 +71,7 @@ def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
 
 
 def build_text_encoders(cfg: ToyConfig, seed: int) -> tuple[CLIPTextModel, T5EncoderModel]:
-    """Tiny CLIP (2 layers, learned) and T5 (0 layers: embedding + norm)."""
+    """Tiny CLIP and T5 (2 layers each, learned with the transformer)."""
     torch.manual_seed(seed + 1)
     n = len(_vocab())
     clip = CLIPTextModel(
@@ -92,8 +95,9 @@ def build_text_encoders(cfg: ToyConfig, seed: int) -> tuple[CLIPTextModel, T5Enc
             d_model=cfg.text_dim,
             d_kv=16,
             d_ff=cfg.text_dim * 2,
-            num_layers=0,
+            num_layers=cfg.t5_layers,
             num_heads=4,
+            dropout_rate=0.0,
             pad_token_id=PAD_ID,
             eos_token_id=EOS_ID,
             decoder_start_token_id=PAD_ID,

@@ -76,10 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(safetensors) go to OUT.work/; --resume continues from them exactly.",
     )
     t.add_argument("output", metavar="OUT", help="pipeline directory to create (must not exist)")
-    t.add_argument("--minutes", type=float, default=42.0, help="wall-clock budget for both phases (default 42)")
+    t.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget for all phases (default 58)")
     t.add_argument("--seed", type=int, default=0, help="seed of data, init and batches (default 0)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.work/ checkpoints")
-    t.add_argument("--vae-steps", type=int, default=800, help="VAE steps (default 800)")
+    t.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (default 2000)")
     t.add_argument("--steps", type=int, default=None, help="transformer steps (default: as many as fit the budget)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")

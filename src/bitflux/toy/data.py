@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from .build import TEXT_LENGTH
 from .world import COLORS, CATEGORIES, Category, Scene, Split, caption, render, sample_scene
 
 # Harder categories are sampled more often.
@@ -24,12 +25,11 @@ CATEGORY_WEIGHTS: dict[Category, float] = {
     Category.POSITION: 2.0,
     Category.COLOR_ATTR: 2.0,
 }
-T5_TRAIN_LENGTH = 12  # T5 tokens seen in training; longer padding is emulated (train.pad_bias)
 
 
 @dataclass
 class ToyData:
-    """Images (N, 3, H, W) in [-1, 1], captions, CLIP ids (N, 16), T5 ids (N, 12), T5 lengths (N,)."""
+    """Images (N, 3, H, W) in [-1, 1], captions, CLIP ids (N, 16), T5 ids (N, 16), T5 lengths (N,)."""
 
     images: torch.Tensor
     captions: list[str]
@@ -45,9 +45,9 @@ def images_to_tensor(imgs: list) -> torch.Tensor:
 
 
 def tokenize(clip_tok: PreTrainedTokenizerFast, t5_tok: PreTrainedTokenizerFast, texts: list[str]):
-    """(clip_ids (N, Lc), t5_ids (N, T5_TRAIN_LENGTH), t5_len (N,)) as the pipeline would make them."""
+    """(clip_ids (N, 16), t5_ids (N, TEXT_LENGTH), t5_len (N,)) exactly as FluxPipeline makes them."""
     c = clip_tok(texts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True, return_tensors="pt")
-    t = t5_tok(texts, padding="max_length", max_length=T5_TRAIN_LENGTH, truncation=True, return_tensors="pt")
+    t = t5_tok(texts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
     return c.input_ids, t.input_ids, t.attention_mask.sum(1)
 
 

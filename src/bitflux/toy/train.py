@@ -24,24 +24,21 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..errors import ModelError, OutputExistsError
-from .build import LATENT_CHANNELS, ToyConfig, build_pipeline
-from .data import T5_TRAIN_LENGTH, ToyData, make_data, make_vae_images, tokenize
+from .build import LATENT_CHANNELS, TEXT_LENGTH, ToyConfig, build_pipeline
+from .data import ToyData, make_data, make_vae_images, tokenize
 from .world import IMAGE_SIZE
-
-MAX_PIPELINE_T5_LENGTH = 512  # FluxPipeline's default max_sequence_length
-
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Options of one training run; recorded in the output's bitflux_toy.json."""
 
-    minutes: float = 45.0  # wall-clock budget for both phases
+    minutes: float = 58.0  # wall-clock budget for all phases
     seed: int = 0
     n_scenes: int = 30_000
     n_vae_images: int = 12_000  # recoloured uniformly: the codec sees every colour-shape pair
     decoder_steps: int = 400  # decoder-only refinement after the VAE (latent space unchanged)
     vae_fraction: float = 0.15  # share of the budget spent on the VAE
-    vae_steps: int | None = None  # fixed step counts; None: fit the budget after a short benchmark
+    vae_steps: int | None = 2000  # fixed step counts; None: fit the budget after a short benchmark
     steps: int | None = None
     vae_batch: int = 32
     batch: int = 64
@@ -80,29 +77,6 @@ def _lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
 # ----------------------------------------------------------------------------- flow matching
 
 
-def pad_bias(t5_len: torch.Tensor, target_len: torch.Tensor, n_img: int) -> torch.Tensor:
-    """Additive attention bias (B, 1, 1, T5_TRAIN_LENGTH + n_img) emulating longer T5 padding.
-
-    The T5 encoder has no layers, so every pad token's embedding is identical and stays identical
-    through all blocks; k identical keys act like one key with logit + log k. Giving each of the
-    (L - n) pads (L = T5_TRAIN_LENGTH) a bias of log((N - n) / (L - n)) is exactly the pipeline padded to N tokens.
-    """
-    b = t5_len.shape[0]
-    n = t5_len.float()[:, None]  # (B, 1)
-    pos = torch.arange(T5_TRAIN_LENGTH, dtype=torch.float32)[None]  # (1, L)
-    val = torch.log((target_len.float()[:, None] - n) / (T5_TRAIN_LENGTH - n))  # (B, 1)
-    txt = torch.where(pos >= n, val, torch.zeros(()))  # (B, L)
-    return torch.cat([txt, torch.zeros(b, n_img)], dim=1)[:, None, None, :]
-
-
-def sample_target_len(b: int, g: torch.Generator) -> torch.Tensor:
-    """Padded T5 length to emulate: 1/3 the pipeline default 512, 1/3 eval's 16, 1/3 log-uniform."""
-    u = torch.rand(b, generator=g)
-    lo, hi = math.log(T5_TRAIN_LENGTH), math.log(MAX_PIPELINE_T5_LENGTH)
-    mid = torch.exp(lo + (hi - lo) * torch.rand(b, generator=g)).round()
-    return torch.where(u < 1 / 3, torch.full((b,), 512.0), torch.where(u < 2 / 3, torch.full((b,), 16.0), mid))
-
-
 def sample_sigmas(b: int, g: torch.Generator, image_seq_len: int) -> torch.Tensor:
     """Logit-normal s in (0, 1), shifted like the scheduler's dynamic shift at this resolution."""
     s = torch.sigmoid(torch.randn(b, generator=g))
@@ -110,8 +84,8 @@ def sample_sigmas(b: int, g: torch.Generator, image_seq_len: int) -> torch.Tenso
     return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
 
 
-def flow_loss(pipe: FluxPipeline, z0: torch.Tensor, clip_ids, t5_ids, t5_len, g: torch.Generator) -> torch.Tensor:
-    """Flow-matching MSE for normalised latents z0 (B, C, h, w)."""
+def flow_loss(pipe: FluxPipeline, z0: torch.Tensor, clip_ids, t5_ids, g: torch.Generator) -> torch.Tensor:
+    """Flow-matching MSE for normalised latents z0 (B, C, h, w); text encoded as FluxPipeline does."""
     b, c, h, w = z0.shape
     x0 = FluxPipeline._pack_latents(z0, b, c, h, w)  # (B, h/2*w/2, 4C)
     noise = torch.randn(x0.shape, generator=g)
@@ -121,7 +95,6 @@ def flow_loss(pipe: FluxPipeline, z0: torch.Tensor, clip_ids, t5_ids, t5_len, g:
     enc = pipe.text_encoder_2(t5_ids)[0]  # (B, L, D)
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype)  # (hw/4, 3)
     txt_ids = torch.zeros(t5_ids.shape[1], 3)
-    bias = pad_bias(t5_len, sample_target_len(b, g), x0.shape[1])
     pred = pipe.transformer(
         hidden_states=xt,
         timestep=s,
@@ -129,7 +102,6 @@ def flow_loss(pipe: FluxPipeline, z0: torch.Tensor, clip_ids, t5_ids, t5_len, g:
         encoder_hidden_states=enc,
         txt_ids=txt_ids,
         img_ids=img_ids,
-        joint_attention_kwargs={"attention_mask": bias},
         return_dict=False,
     )[0]
     return F.mse_loss(pred, noise - x0)
@@ -286,16 +258,16 @@ def train_flow(pipe: FluxPipeline, z: torch.Tensor, data: ToyData, cfg: TrainCon
     if (work / "state.json").exists():
         state = json.loads((work / "state.json").read_text())
         _load_ckpt(work, named, ema, opt)
-    empty_c, empty_t, empty_l = tokenize(pipe.tokenizer, pipe.tokenizer_2, [""])
+    empty_c, empty_t, _ = tokenize(pipe.tokenizer, pipe.tokenizer_2, [""])
     n = z.shape[0]
 
     def step(i: int) -> None:
         g = _gen(cfg.seed, i, 2)
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
-        c_ids, t_ids, t_len = data.clip_ids[idx].clone(), data.t5_ids[idx].clone(), data.t5_len[idx].clone()
+        c_ids, t_ids = data.clip_ids[idx].clone(), data.t5_ids[idx].clone()
         drop = torch.rand(cfg.batch, generator=g) < cfg.cond_drop
-        c_ids[drop], t_ids[drop], t_len[drop] = empty_c[0], empty_t[0], empty_l[0]
-        loss = flow_loss(pipe, z[idx], c_ids, t_ids, t_len, g)
+        c_ids[drop], t_ids[drop] = empty_c[0], empty_t[0]
+        loss = flow_loss(pipe, z[idx], c_ids, t_ids, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -361,7 +333,7 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = Fals
     pipe = build_pipeline(cfg.seed, model_cfg)
     z = None
     data = make_data(cfg.n_scenes, cfg.seed, pipe.tokenizer, pipe.tokenizer_2)
-    info: dict = {"config": asdict(cfg), "image_size": IMAGE_SIZE, "latent_channels": LATENT_CHANNELS}
+    info: dict = {"config": asdict(cfg), "image_size": IMAGE_SIZE, "latent_channels": LATENT_CHANNELS, "max_sequence_length": TEXT_LENGTH}
     if (work / "vae" / "config.json").exists():
         pipe.vae = AutoencoderKL.from_pretrained(work / "vae")
         info.update(json.loads((work / "vae_info.json").read_text()))
