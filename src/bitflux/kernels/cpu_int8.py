@@ -24,6 +24,10 @@ the packed size plus one transient block per call; see `_BLOCK_BYTES`):
 * `base3`: multiply-shift per trit, t_i = (((s * 3^i) mod 256) * 3) >> 8 (`unpack_base3_u8`),
   which yields the trit t = code + 1 = U directly.
 
+For `2bit` weights on an AVX2 CPU, `ternary_linear` hands the whole call to the compiled kernel
+of `cpu_avx2` (same exact sums, bit-identical result) when it builds; the engines below remain
+for `base3`, for `int_matmul` and as the fallback.
+
 Engines (`Engine`): oneDNN `qlinear_pointwise` (u8 x s8 -> f32: AVX2 `vpmaddubsw`, VNNI
 `vpdpbusd`, or AMX, as the CPU has) when this torch has it; `torch._int_mm` otherwise, which is
 only fast where oneDNN's VNNI/AMX kernels back it (elsewhere it is a naive loop: 0.3 GOP/s), so
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 
 from ..config import ActPrecision, PackFormat
 from ..packing import CODES_PER_BYTE
+from . import cpu_avx2
 from .reference import quantize_act_int8
 
 # Unpacked u8 bytes per weight block (rows x K), i.e. the transient memory a call adds. Measured
@@ -238,7 +243,7 @@ def supports(x: torch.Tensor, fmt: PackFormat, act: ActPrecision) -> bool:
         and ActPrecision(act) is ActPrecision.INT8
         and PackFormat(fmt) in (PackFormat.TWO_BIT, PackFormat.BASE3)
         and x.dtype in _FLOAT_DTYPES
-        and default_engine() is not None
+        and (default_engine() is not None or (PackFormat(fmt) is PackFormat.TWO_BIT and cpu_avx2.available()))
     )
 
 
@@ -255,6 +260,9 @@ def ternary_linear(
     """y = x @ (diag(scale) T)^T + bias for x (..., K), packed T (N, ceil(K/per)) -> (..., N)."""
     if ActPrecision(act) is not ActPrecision.INT8:
         raise ValueError(f"cpu_int8 runs int8 activations only, got {ActPrecision(act).value}")
+    if PackFormat(fmt) is PackFormat.TWO_BIT and x.dtype in _FLOAT_DTYPES and cpu_avx2.available():
+        # the compiled AVX2 kernel: same exact sums, no per-call oneDNN setup (cpu_avx2.py)
+        return cpu_avx2.ternary_linear(x, qweight, scale, bias, fmt=fmt, in_features=in_features, act=act)
     lead = x.shape[:-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, in_features)  # (M, K)
