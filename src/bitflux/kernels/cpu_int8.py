@@ -24,9 +24,9 @@ the packed size plus one transient block per call; see `_BLOCK_BYTES`):
 * `base3`: multiply-shift per trit, t_i = (((s * 3^i) mod 256) * 3) >> 8 (`unpack_base3_u8`),
   which yields the trit t = code + 1 = U directly.
 
-For `2bit` weights on an AVX2 CPU, `ternary_linear` hands the whole call to the compiled kernel
-of `cpu_avx2` (same exact sums, bit-identical result) when it builds; the engines below remain
-for `base3`, for `int_matmul` and as the fallback.
+For `2bit` weights on an AVX2 CPU without VNNI/AMX, `ternary_linear` hands the whole call to the
+compiled kernel of `cpu_avx2` (same exact sums, bit-identical result) when it builds; the engines
+below serve VNNI/AMX CPUs, `base3`, `int_matmul` and the fallback.
 
 Engines (`Engine`): oneDNN `qlinear_pointwise` (u8 x s8 -> f32: AVX2 `vpmaddubsw`, VNNI
 `vpdpbusd`, or AMX, as the CPU has) when this torch has it; `torch._int_mm` otherwise, which is
@@ -260,8 +260,9 @@ def ternary_linear(
     """y = x @ (diag(scale) T)^T + bias for x (..., K), packed T (N, ceil(K/per)) -> (..., N)."""
     if ActPrecision(act) is not ActPrecision.INT8:
         raise ValueError(f"cpu_int8 runs int8 activations only, got {ActPrecision(act).value}")
-    if PackFormat(fmt) is PackFormat.TWO_BIT and x.dtype in _FLOAT_DTYPES and cpu_avx2.available():
-        # the compiled AVX2 kernel: same exact sums, no per-call oneDNN setup (cpu_avx2.py)
+    if PackFormat(fmt) is PackFormat.TWO_BIT and x.dtype in _FLOAT_DTYPES and not _vnni_or_amx() and cpu_avx2.available():
+        # AVX2-only CPU: the compiled kernel (same exact sums, no per-call oneDNN setup, cpu_avx2.py);
+        # where VNNI/AMX exist, oneDNN's vpdpbusd/AMX kernels below are used instead
         return cpu_avx2.ternary_linear(x, qweight, scale, bias, fmt=fmt, in_features=in_features, act=act)
     lead = x.shape[:-1]
     n = qweight.shape[0]
