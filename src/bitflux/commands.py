@@ -103,12 +103,13 @@ def _pipeline_defaults(pipeline: str) -> dict:
     if not info.is_file():
         return {}
     from .checkpoint import read_json
+    from .toy.world import TEXT_LENGTH
 
     rec = read_json(info)
     size = rec.get("image_size")
     if not size:
         return {}
-    return {"height": size, "width": size, "cfg_scale": 3.0, "max_sequence_length": rec.get("max_sequence_length", 16)}
+    return {"height": size, "width": size, "cfg_scale": 3.0, "max_sequence_length": rec.get("max_sequence_length", TEXT_LENGTH)}
 
 
 # ----------------------------------------------------------------------------------------- inspect

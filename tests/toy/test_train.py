@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from bitflux.errors import OutputExistsError
 from bitflux.toy.build import build_pipeline
-from bitflux.toy.build import TEXT_LENGTH
+from bitflux.toy.world import TEXT_LENGTH
 from bitflux.toy.data import tokenize
 from bitflux.toy.train import TrainConfig, sample_sigmas, train
 
@@ -19,7 +19,7 @@ def test_training_text_path_equals_the_pipelines():
     """The trainer encodes prompts exactly as FluxPipeline.encode_prompt does at the toy's text length."""
     pipe = build_pipeline(0)
     texts = ["a red circle to the left of a blue square", "two cyan diamonds"]
-    c_ids, t_ids, _ = tokenize(pipe.tokenizer, pipe.tokenizer_2, texts)
+    c_ids, t_ids = tokenize(pipe.tokenizer, pipe.tokenizer_2, texts)
     embeds, pooled, _ = pipe.encode_prompt(texts, None, max_sequence_length=TEXT_LENGTH)
     torch.testing.assert_close(pipe.text_encoder_2(t_ids)[0], embeds)
     torch.testing.assert_close(pipe.text_encoder(c_ids).pooler_output, pooled)

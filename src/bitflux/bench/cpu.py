@@ -201,8 +201,7 @@ def run_toy(steps: int, iters: int) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     prompt = "a red circle left of a blue square"
 
-    from ..toy.build import TEXT_LENGTH
-    from ..toy.world import IMAGE_SIZE
+    from ..toy.world import IMAGE_SIZE, TEXT_LENGTH
 
     def generate() -> None:  # the toy's native size (the pipeline default would be 512 px)
         pipe(prompt, num_inference_steps=steps, height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=TEXT_LENGTH,

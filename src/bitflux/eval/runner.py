@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import BitfluxError, ModelError
 from ..toy.scorer import score
-from ..toy.world import CATEGORIES, IMAGE_SIZE, Category, Split, parse_prompt, prompts
+from ..toy.world import CATEGORIES, IMAGE_SIZE, TEXT_LENGTH, Category, Split, parse_prompt, prompts
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class EvalConfig:
     steps: int = 12  # Euler steps
     seeds: int = 1  # images per prompt
     cfg_scale: float = 3.0  # real classifier-free guidance (true_cfg_scale, negative prompt "")
-    max_sequence_length: int = 16  # T5 padding; the toy model is trained and used with 16 (build.TEXT_LENGTH)
+    max_sequence_length: int = TEXT_LENGTH  # T5 padding the toy is trained and used with
     batch: int = 24  # prompts per pipeline call
     size: int = IMAGE_SIZE
 

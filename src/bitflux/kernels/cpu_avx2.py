@@ -42,11 +42,11 @@ from types import ModuleType
 import torch
 
 from ..config import ActPrecision, PackFormat
+from .reference import FLOAT_DTYPES as _FLOAT_DTYPES
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_avx2.cpp")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.int8: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}  # `run`'s code
 # -fopenmp: at::parallel_for is inline and runs serially without it; the extension then shares
 # torch's already-loaded libgomp.so.1 (same soname), so torch.set_num_threads governs it.

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from ..config import ActPrecision, PackFormat
 from ..packing import CODES_PER_BYTE
 from . import cpu_avx2
+from .reference import FLOAT_DTYPES as _FLOAT_DTYPES
 from .reference import quantize_act_int8
 
 # Unpacked u8 bytes per weight block (rows x K), i.e. the transient memory a call adds. Measured
@@ -55,7 +56,6 @@ from .reference import quantize_act_int8
 # 256 KiB L2 blocks); the f32 GEMV path converts each block to 4 bytes per weight and likes it
 # smaller (512 KiB, i.e. a 2 MiB f32 block).
 _BLOCK_BYTES = {"gemm": 2 << 20, "gemv": 512 << 10}
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Engine(str, Enum):
@@ -243,7 +243,7 @@ def supports(x: torch.Tensor, fmt: PackFormat, act: ActPrecision) -> bool:
         and ActPrecision(act) is ActPrecision.INT8
         and PackFormat(fmt) in (PackFormat.TWO_BIT, PackFormat.BASE3)
         and x.dtype in _FLOAT_DTYPES
-        and (default_engine() is not None or (PackFormat(fmt) is PackFormat.TWO_BIT and cpu_avx2.available()))
+        and (default_engine() is not None or cpu_avx2.supports(x, fmt, act))
     )
 
 
@@ -260,7 +260,7 @@ def ternary_linear(
     """y = x @ (diag(scale) T)^T + bias for x (..., K), packed T (N, ceil(K/per)) -> (..., N)."""
     if ActPrecision(act) is not ActPrecision.INT8:
         raise ValueError(f"cpu_int8 runs int8 activations only, got {ActPrecision(act).value}")
-    if PackFormat(fmt) is PackFormat.TWO_BIT and x.dtype in _FLOAT_DTYPES and not _vnni_or_amx() and cpu_avx2.available():
+    if not _vnni_or_amx() and cpu_avx2.supports(x, fmt, act):
         # AVX2-only CPU: the compiled kernel (same exact sums, no per-call oneDNN setup, cpu_avx2.py);
         # where VNNI/AMX exist, oneDNN's vpdpbusd/AMX kernels below are used instead
         return cpu_avx2.ternary_linear(x, qweight, scale, bias, fmt=fmt, in_features=in_features, act=act)

@@ -17,6 +17,7 @@ import torch
 from ..config import ActPrecision, PackFormat
 from ..packing import unpack
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activation dtypes every backend accepts
 _CHUNK_ELEMS = 1 << 22  # dequantised elements alive at once (8 MiB in bf16)
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

@@ -23,8 +23,7 @@ import triton.language.standard as _tl_standard
 
 from ..config import ActPrecision, PackFormat
 from . import triton_w158a8, triton_w158a16
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .reference import FLOAT_DTYPES as _FLOAT_DTYPES
 
 
 def _is_interpreted(fn: object) -> bool:

@@ -5,7 +5,7 @@ packed image tokens of 64 channels, as FLUX), a FLUX transformer with 2 double a
 CLIP text model (learned, order-aware: its pooled EOS state carries word order) and a 2-layer T5
 encoder, learned too: FLUX gives text tokens no position (txt_ids are zeros), so only T5's
 relative-position attention can bind "red" to "circle" and tell "left of" which object comes first.
-Text is always padded to TEXT_LENGTH = 16 tokens (bitflux passes max_sequence_length=16 for the toy).
+Text is always padded to world.TEXT_LENGTH = 16 tokens (bitflux passes max_sequence_length=16 for the toy).
 Guidance: guidance_embeds=False; the model is trained with 10% empty prompts so real
 classifier-free guidance works through FluxPipeline's `true_cfg_scale` + `negative_prompt=""`.
 """
@@ -24,7 +24,6 @@ from .world import IMAGE_SIZE, vocabulary
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0..3
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CLIP_MAX_LENGTH = 16  # FluxPipeline pads CLIP input to tokenizer.model_max_length
-TEXT_LENGTH = 16  # T5 padding the toy is trained and used with (FluxPipeline's max_sequence_length)
 LATENT_CHANNELS = 16
 
 

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from .build import TEXT_LENGTH
-from .world import COLORS, CATEGORIES, Category, Scene, Split, caption, render, sample_scene
+from .world import CATEGORIES, COLORS, TEXT_LENGTH, Category, Scene, Split, caption, render, sample_scene
 
 # Harder categories are sampled more often.
 CATEGORY_WEIGHTS: dict[Category, float] = {
@@ -29,13 +28,12 @@ CATEGORY_WEIGHTS: dict[Category, float] = {
 
 @dataclass
 class ToyData:
-    """Images (N, 3, H, W) in [-1, 1], captions, CLIP ids (N, 16), T5 ids (N, 16), T5 lengths (N,)."""
+    """Images (N, 3, H, W) in [-1, 1], captions, CLIP ids (N, 16), T5 ids (N, TEXT_LENGTH)."""
 
     images: torch.Tensor
     captions: list[str]
     clip_ids: torch.Tensor
     t5_ids: torch.Tensor
-    t5_len: torch.Tensor  # content tokens incl. the final </s>
 
 
 def images_to_tensor(imgs: list) -> torch.Tensor:
@@ -45,10 +43,10 @@ def images_to_tensor(imgs: list) -> torch.Tensor:
 
 
 def tokenize(clip_tok: PreTrainedTokenizerFast, t5_tok: PreTrainedTokenizerFast, texts: list[str]):
-    """(clip_ids (N, 16), t5_ids (N, TEXT_LENGTH), t5_len (N,)) exactly as FluxPipeline makes them."""
+    """(clip_ids (N, 16), t5_ids (N, TEXT_LENGTH)) exactly as FluxPipeline makes them."""
     c = clip_tok(texts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True, return_tensors="pt")
     t = t5_tok(texts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
-    return c.input_ids, t.input_ids, t.attention_mask.sum(1)
+    return c.input_ids, t.input_ids
 
 
 def make_data(n: int, seed: int, clip_tok: PreTrainedTokenizerFast, t5_tok: PreTrainedTokenizerFast) -> ToyData:
@@ -58,8 +56,8 @@ def make_data(n: int, seed: int, clip_tok: PreTrainedTokenizerFast, t5_tok: PreT
     weights = [CATEGORY_WEIGHTS[c] for c in cats]
     scenes = [sample_scene(rng, rng.choices(cats, weights)[0], Split.TRAIN) for _ in range(n)]
     caps = [caption(s) for s in scenes]
-    clip_ids, t5_ids, t5_len = tokenize(clip_tok, t5_tok, caps)
-    return ToyData(images_to_tensor([render(s) for s in scenes]), caps, clip_ids, t5_ids, t5_len)
+    clip_ids, t5_ids = tokenize(clip_tok, t5_tok, caps)
+    return ToyData(images_to_tensor([render(s) for s in scenes]), caps, clip_ids, t5_ids)
 
 
 def make_vae_images(n: int, seed: int) -> torch.Tensor:

@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..errors import ModelError, OutputExistsError
-from .build import LATENT_CHANNELS, TEXT_LENGTH, ToyConfig, build_pipeline
+from .build import LATENT_CHANNELS, ToyConfig, build_pipeline
 from .data import ToyData, make_data, make_vae_images, tokenize
-from .world import IMAGE_SIZE
+from .world import IMAGE_SIZE, TEXT_LENGTH
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -258,7 +258,7 @@ def train_flow(pipe: FluxPipeline, z: torch.Tensor, data: ToyData, cfg: TrainCon
     if (work / "state.json").exists():
         state = json.loads((work / "state.json").read_text())
         _load_ckpt(work, named, ema, opt)
-    empty_c, empty_t, _ = tokenize(pipe.tokenizer, pipe.tokenizer_2, [""])
+    empty_c, empty_t = tokenize(pipe.tokenizer, pipe.tokenizer_2, [""])
     n = z.shape[0]
 
     def step(i: int) -> None:

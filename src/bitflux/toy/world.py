@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from ..errors import BitfluxError
 
 IMAGE_SIZE = 32  # pixels per side
+TEXT_LENGTH = 16  # T5 tokens the toy is trained and used with (FluxPipeline's max_sequence_length)
 GRID = 3  # cells per side
 CELL_CENTRES = (6.0, 16.0, 26.0)  # pixel centre of each grid row/column
 OBJECT_SIZE = 10.0  # bounding-box side of one object, pixels
