@@ -124,3 +124,48 @@ def test_killed_blockwise_run_resumes_from_the_last_finished_block(pipe, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CheckpointError, match="different calibration config"):
         calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "mode": "blockwise", "steps": 12, "lr": 1e-4}), work_dir=work, progress=False)
+
+
+def test_on_policy_states_join_the_pool_and_resume_exactly(pipe, tmp_path):
+    """Student-visited states are added at the refresh step; a run killed after it resumes bit-identically."""
+    cfg = CalibConfig(**{**SMALL, "on_policy_at": 0.5})  # refresh at step 3, checkpoints at 2, 4, 6
+    assert cfg.on_policy_step() == 3
+    seen = []
+    import bitflux.calibrate as cal
+
+    real = cal.record_states
+
+    def spy(p, prompts, config, progress=True, batch=16):
+        calls = real(p, prompts, config, progress, batch)
+        seen.append((type(p.transformer).__name__, any(isinstance(m, _FakeTernaryLinear) for m in p.transformer.modules())))
+        return calls
+
+    cal.record_states = spy
+    try:
+        whole, stats = calibrate(pipe, PROMPTS, cfg, progress=False)
+    finally:
+        cal.record_states = real
+    assert [s[1] for s in seen] == [False, True]  # teacher first, then the student at step 3
+    assert not any(isinstance(m, _FakeTernaryLinear) for m in pipe.transformer.modules())  # teacher restored
+    plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**SMALL), progress=False)
+    a, c = whole.state_dict(), plain.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the extra states changed the result
+
+    def die(step, _loss):
+        if step == 5:  # after the refresh (3) and the checkpoint at 4
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die)
+    assert (work / "on_policy.safetensors").exists()
+    resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False)
+    b = resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_on_policy_is_refused_where_it_cannot_work():
+    with pytest.raises(BitfluxError, match="joint mode"):
+        CalibConfig(on_policy_at=0.5, mode="blockwise")
+    with pytest.raises(BitfluxError, match="on_policy_at"):
+        CalibConfig(on_policy_at=1.0)

@@ -32,7 +32,8 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
         ("train scales only", replace(base, train="scales")),
         ("train latent+scales+bias", replace(base, train="all")),
         ("loss output only", replace(base, loss="output")),
-        ("block-wise", replace(base, mode="blockwise")),
+        ("block-wise", replace(base, mode="blockwise", on_policy_at=0.0)),
+        ("teacher states only" if base.on_policy_at else "on-policy states at 50%", replace(base, on_policy_at=0.0 if base.on_policy_at else 0.5)),
         (f"prompts {max(8, base.prompts // 8)}", replace(base, prompts=max(8, base.prompts // 8))),
         (f"steps {max(10, base.steps // 4)}", replace(base, steps=max(10, base.steps // 4))),
     ]

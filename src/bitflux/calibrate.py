@@ -88,11 +88,21 @@ class CalibConfig:
     record_batch: int = 16  # prompts per teacher pipeline call
     mode: Mode = Mode.JOINT  # joint or block-wise training (see calibrate_blockwise.py)
     block_pool: int = 0  # block-wise: recorded calls carried from block to block (0: all)
+    on_policy_at: float = 0.0  # joint: after this share of the steps, the states the student itself
+    # visits (same prompts and noise, teacher targets) join the pool; 0: teacher states only
+
+    def on_policy_step(self) -> int | None:
+        """The step at which student-visited states join the pool (None: never)."""
+        return round(self.on_policy_at * self.steps) if self.on_policy_at > 0 else None
 
     def __post_init__(self) -> None:
         enums = (("init", InitMethod), ("train", TrainWhat), ("loss", LossKind), ("format", PackFormat), ("mode", Mode))
         for name, enum in enums:
             object.__setattr__(self, name, enum(getattr(self, name)))
+        if not 0.0 <= self.on_policy_at < 1.0:
+            raise BitfluxError(f"on_policy_at must be in [0, 1), got {self.on_policy_at}")
+        if self.on_policy_at > 0 and self.mode is Mode.BLOCKWISE:
+            raise BitfluxError("on-policy states need joint mode (block-wise training has no whole student to sample with)")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=lambda e: e.value))
@@ -242,6 +252,20 @@ def _save_ckpt(work: Path, student: nn.Module, opt: torch.optim.Optimizer, step:
     os.replace(work / ".state.json.tmp", work / "state.json")
 
 
+def _save_params(student: nn.Module, path: Path) -> None:
+    """The student's trainable tensors, written atomically (the on-policy snapshot)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({n: p.detach().contiguous() for n, p in _trainable(student).items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_params(student: nn.Module, path: Path) -> None:
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for n, p in _trainable(student).items():
+            p.copy_(tensors[n])
+
+
 def _load_ckpt(work: Path, student: nn.Module, opt: torch.optim.Optimizer, config: CalibConfig) -> int:
     meta = json.loads((work / "state.json").read_text())
     if meta.get("config") != config.to_dict():
@@ -267,8 +291,14 @@ def train(
     work: Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    resample: Callable[[nn.Module], list[dict[str, torch.Tensor]]] | None = None,
 ) -> tuple[nn.Module, list[float]]:
-    """Train a student to match `teacher` on the recorded `calls`; returns (student, loss history)."""
+    """Train a student to match `teacher` on the recorded `calls`; returns (student, loss history).
+
+    `resample(student)` records the states a student visits; it is called once, at
+    `config.on_policy_step()`, and its states join the pool (exposure bias: the student learns the
+    teacher's answer where its own trajectories drift, not only on the teacher's).
+    """
     student = build_student(teacher, config)
     teacher = teacher.float().eval()
     params = list(_trainable(student).values())
@@ -276,6 +306,14 @@ def train(
     start = 0
     if work is not None and (work / "state.json").exists():
         start = _load_ckpt(work, student, opt, config)
+    refresh = config.on_policy_step()
+    if refresh is not None and resample is None:
+        raise BitfluxError("on-policy calibration needs a pipeline to sample the student's trajectories")
+    if refresh is not None and start > refresh:  # resumed past the refresh: rebuild the same pool
+        assert work is not None
+        snapshot = build_student(teacher, config)
+        _load_params(snapshot, work / "on_policy.safetensors")
+        calls = calls + resample(snapshot)
     t_store: list[torch.Tensor] = []
     s_store: list[torch.Tensor] = []
     handles = []
@@ -285,6 +323,10 @@ def train(
     bar = tqdm(range(start, config.steps), desc="calibrate", disable=not progress, initial=start, total=config.steps)
     try:
         for step in bar:
+            if step == refresh:
+                if work is not None:
+                    _save_params(student, work / "on_policy.safetensors")
+                calls = calls + resample(student)
             g = torch.Generator().manual_seed(config.seed * 7919 + step)
             idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
             kw = _batch(calls, idx)
@@ -360,11 +402,23 @@ def calibrate(
 
         student = train_blockwise(teacher, calls, config, progress, on_step=_step, work=work)
     else:
-        student, losses = train(teacher, calls, config, work, progress, on_step)
+
+        def resample(student: nn.Module) -> list[dict[str, torch.Tensor]]:
+            if pipe.transformer.dtype != torch.float32:
+                raise BitfluxError("on-policy calibration samples with the fp32 student: load the teacher pipeline in fp32")
+            teacher_module = pipe.transformer
+            pipe.transformer = student
+            try:
+                return record_states(pipe, prompts, config, progress, config.record_batch)
+            finally:
+                pipe.transformer = teacher_module
+
+        student, losses = train(teacher, calls, config, work, progress, on_step, resample)
     model = finalize(pipe.transformer, student, config, source)
     stats = {
         "prompts": len(prompts),
         "recorded_calls": len(calls),
+        "on_policy_step": config.on_policy_step() if config.mode is Mode.JOINT else None,
         "record_seconds": round(t_rec, 1),
         "seconds": round(time.perf_counter() - t0, 1),
         "final_loss": losses[-1] if losses else None,

@@ -77,6 +77,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         mode=args.mode,
+        on_policy_at=args.on_policy_at,
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
     )
@@ -112,6 +113,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default=d.format.value, choices=choices(PackFormat), help="packing of the result")
     p.add_argument("--mode", default=d.mode.value, choices=choices(Mode), help="joint or block-wise training")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps (default {d.steps})")
+    p.add_argument(
+        "--on-policy-at",
+        type=float,
+        default=d.on_policy_at,
+        help="share of the steps after which states the student itself visits join the pool "
+        f"(joint mode; 0 = teacher states only; default {d.on_policy_at})",
+    )
     p.add_argument("--traj-steps", type=int, help="denoising steps per teacher trajectory (default: eval's for toy)")
     p.add_argument("--batch", type=int, default=d.batch, help="recorded states per step")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")

@@ -11,7 +11,7 @@ from PIL import Image
 from bitflux.cli import main
 from bitflux.toy.world import CATEGORIES
 
-FAST = ["--n", "6", "--steps", "2", "--threads", "1"]
+FAST = ["--n", "6", "--seeds", "1", "--steps", "2", "--threads", "1"]
 
 
 def _one_line_error(capsys, rc: int, needle: str) -> None:

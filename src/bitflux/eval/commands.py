@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--n", type=int, default=96, help="prompts drawn for train/heldout, round-robin over categories (default 96)")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the drawn prompt list (default 0)")
-    p.add_argument("--seeds", type=int, default=d.seeds, help=f"images per prompt (default {d.seeds})")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4: 64 images per category)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"Euler sampling steps (default {d.steps})")
     p.add_argument(
         "--cfg-scale",
