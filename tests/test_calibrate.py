@@ -6,9 +6,10 @@ from bitflux.calibrate import CalibConfig, _FakeTernaryLinear, build_student, ca
 from bitflux.cli import main
 from bitflux.errors import BitfluxError
 from bitflux.ternary import ternarize
+from bitflux.toy.world import IMAGE_SIZE
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a red diamond"]
-SMALL = dict(prompts=3, traj_steps=2, steps=6, batch=2, checkpoint_every=2, pipe_kwargs=dict(height=32, width=32, max_sequence_length=16))
+SMALL = dict(prompts=3, traj_steps=2, steps=6, batch=2, checkpoint_every=2, pipe_kwargs=dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=16))
 
 
 @pytest.fixture(scope="module")

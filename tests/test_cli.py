@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_flux
 
 from bitflux.cli import main
+from bitflux.toy.world import IMAGE_SIZE
 
 
 @pytest.fixture
@@ -89,10 +90,10 @@ def test_generate_bundled_and_quantised_toy(tmp_path, capsys):
     from PIL import Image
 
     code, out, _ = _run(capsys, "generate", "toy", "a red circle", "-o", tmp_path / "a.png", "--steps", "2", "--json")
-    assert code == 0 and json.loads(out)["size"] == [32, 32]
+    assert code == 0 and json.loads(out)["size"] == [IMAGE_SIZE, IMAGE_SIZE]
     assert _run(capsys, "quantize", "toy", tmp_path / "q", "--json")[0] == 0
     code, out, _ = _run(capsys, "generate", tmp_path / "q", "a red circle", "-o", tmp_path / "b.png", "--steps", "2", "--json")
     assert code == 0 and json.loads(out)["transformer"] == str(tmp_path / "q")
-    assert Image.open(tmp_path / "b.png").size == (32, 32)
+    assert Image.open(tmp_path / "b.png").size == (IMAGE_SIZE, IMAGE_SIZE)
     code, out, err = _run(capsys, "generate", "toy", "x", "-o", tmp_path / "a.png")
     assert code == 2 and "exists" in err

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from bitflux.cli import main
-from bitflux.toy.world import CATEGORIES
+from bitflux.toy.world import CATEGORIES, IMAGE_SIZE
 
 FAST = ["--n", "6", "--seeds", "1", "--steps", "2", "--threads", "1"]
 
@@ -39,7 +39,7 @@ def test_eval_naive_ternary_with_grid(tmp_path, capsys):
     assert rc == 0 and out["naive"] is True
     assert out["fidelity"]["psnr_db"] < 100.0  # ternary weights change the images
     img = Image.open(grid)
-    assert img.width > 2 * 32 * 4 and img.height >= 6 * 32 * 4  # two model columns, six prompt rows
+    assert img.width > 2 * IMAGE_SIZE * 4 and img.height >= 6 * IMAGE_SIZE * 4  # two model columns, six prompt rows
     assert main(["eval", "toy", "--naive", *FAST, "--grid", str(grid)]) == 2  # never overwrites
 
 
@@ -83,4 +83,4 @@ def test_evaluate_api_pairs_a_transformer_with_toy():
     b = evaluate(pipe.transformer, items, 1, cfg, reference=a["_images"])
     assert np.array_equal(a["_images"], b["_images"])  # same seeds, same model: same images
     assert b["fidelity"] == {"psnr_db": 100.0, "verdict_agreement": 1.0}
-    assert a["_images"].shape == (1, 6, 32, 32, 3)
+    assert a["_images"].shape == (1, 6, IMAGE_SIZE, IMAGE_SIZE, 3)

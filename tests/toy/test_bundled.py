@@ -11,6 +11,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from bitflux.errors import ModelError
 from bitflux.toy import bundled_path
+from bitflux.toy.world import IMAGE_SIZE
 
 VAE_FLOOR = 0.95  # measured 1.00 on 192 held-out scenes for the bundled toy (2,000 VAE steps + decoder refinement)
 
@@ -42,15 +43,15 @@ def test_toy_transformer_config_has_both_block_kinds():
 def test_bundled_pipeline_generates_with_plain_flux_pipeline():
     pipe = FluxPipeline.from_pretrained(bundled_path("toy"))
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(height=32, width=32, num_inference_steps=3, guidance_scale=1.0, output_type="np")
+    kw = dict(height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=3, guidance_scale=1.0, output_type="np")
     a = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
     b = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
     c = pipe("a red circle", generator=torch.Generator().manual_seed(1), **kw).images
-    assert a.shape == (1, 32, 32, 3)
+    assert a.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     # real CFG through the standard API works too
     d = pipe("a red circle", negative_prompt="", true_cfg_scale=3.0, generator=torch.Generator().manual_seed(0), **kw)
-    assert d.images.shape == (1, 32, 32, 3)
+    assert d.images.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
 @torch.no_grad()

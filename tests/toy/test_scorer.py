@@ -64,7 +64,7 @@ def test_detect_finds_objects_with_shape_colour_and_position():
     scene = w.Scene(spec, (w.Placed("circle", "red", (1, 0)), w.Placed("square", "blue", (1, 2))))
     dets = sorted(scorer.detect(w.render(scene)), key=lambda d: d.x)
     assert [(d.color, d.shape) for d in dets] == [("red", "circle"), ("blue", "square")]
-    assert abs(dets[0].x - 6) < 1 and abs(dets[1].x - 26) < 1
+    assert abs(dets[0].x - w.CELL_CENTRES[0]) < 1 and abs(dets[1].x - w.CELL_CENTRES[2]) < 1
     # float [0, 1] arrays and upscaled images are accepted too
     arr = np.asarray(w.render(scene), dtype=np.float32) / 255
     assert scorer.score(arr, spec)

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import OutputExistsError
 
-SCALE = 4  # nearest-neighbour upscaling of the 32x32 images
+SCALE = 4  # nearest-neighbour upscaling of the toy images
 LABEL_H = 14  # pixels of the column-label strip
 
 

@@ -1,7 +1,7 @@
 """Build the untrained tiny FLUX pipeline (standard diffusers/transformers classes) from a seed.
 
-Design: 32x32 RGB images, a 16-channel AutoencoderKL with 4x downsampling (8x8 latents, 4x4 = 16
-packed image tokens of 64 channels, as FLUX), a FLUX transformer with 2 double and 4 single blocks of width 128, a tiny
+Design: 48x48 RGB images, a 16-channel AutoencoderKL with 8x downsampling (6x6 latents, 3x3 = 9
+packed image tokens of 64 channels, as FLUX: one token per cell of the world's 3x3 grid), a FLUX transformer with 2 double and 4 single blocks of width 128, a tiny
 CLIP text model (learned, order-aware: its pooled EOS state carries word order) and a 2-layer T5
 encoder, learned too: FLUX gives text tokens no position (txt_ids are zeros), so only T5's
 relative-position attention can bind "red" to "circle" and tell "left of" which object comes first.
@@ -37,7 +37,7 @@ class ToyConfig:
     num_single_layers: int = 4  # single-stream blocks
     text_dim: int = 64  # CLIP hidden = T5 d_model
     t5_layers: int = 2
-    vae_channels: tuple[int, ...] = (16, 32, 32)
+    vae_channels: tuple[int, ...] = (8, 16, 32, 32)
 
 
 def _vocab() -> dict[str, int]:

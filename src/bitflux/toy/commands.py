@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of data, init and batches (default 0)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.work/ checkpoints")
     t.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (default 2000)")
-    t.add_argument("--steps", type=int, default=None, help="transformer steps (default 16000; 0: as many as fit the budget)")
+    t.add_argument("--steps", type=int, default=None, help="transformer steps (default 12000; 0: as many as fit the budget)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")
     t.set_defaults(func=_train)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from .world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, Category, Relation, Spec, shape_mask
 
-MIN_AREA = 30  # pixels; a whole object covers 50..80, smaller blobs are noise
-REL_MARGIN = 3.0  # pixels the centroids must differ by for a spatial relation
+MIN_AREA = 36  # pixels; a whole object covers 72..113, smaller blobs are noise
+REL_MARGIN = 4.0  # pixels the centroids must differ by for a spatial relation (cells are 16 apart)
 
 _NAMES = ("background", *COLORS)
 _PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # (7, 3)

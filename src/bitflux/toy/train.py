@@ -39,7 +39,7 @@ class TrainConfig:
     decoder_steps: int = 400  # decoder-only refinement after the VAE (latent space unchanged)
     vae_fraction: float = 0.15  # share of the budget spent on the VAE
     vae_steps: int | None = 2000  # fixed step counts; None: fit the budget after a short benchmark
-    steps: int | None = 16_000  # fixed so a run is the same on any machine; None: fit the budget
+    steps: int | None = 12_000  # fixed so a run is the same on any machine; None: fit the budget
     vae_batch: int = 32
     batch: int = 64
     vae_lr: float = 1e-3

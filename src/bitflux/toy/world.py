@@ -16,11 +16,12 @@ from PIL import Image, ImageDraw
 
 from ..errors import BitfluxError
 
-IMAGE_SIZE = 32  # pixels per side
+IMAGE_SIZE = 48  # pixels per side
 TEXT_LENGTH = 16  # T5 tokens the toy is trained and used with (FluxPipeline's max_sequence_length)
 GRID = 3  # cells per side
-CELL_CENTRES = (6.0, 16.0, 26.0)  # pixel centre of each grid row/column
-OBJECT_SIZE = 10.0  # bounding-box side of one object, pixels
+CELL = IMAGE_SIZE // GRID  # 16 px: one cell is exactly one packed FLUX image token (VAE 8x, 2x2 patch)
+CELL_CENTRES = tuple(CELL * (i + 0.5) for i in range(GRID))  # (8, 24, 40): pixel centre of each row/column
+OBJECT_SIZE = 12.0  # bounding-box side of one object, pixels (neighbouring objects keep a 4 px gap)
 SUPERSAMPLE = 4  # draw at 4x then box-filter down: anti-aliased edges
 
 BACKGROUND = (128, 128, 128)
@@ -245,10 +246,6 @@ def sample_spec(rng: random.Random, category: Category | str, split: Split | str
     raise RuntimeError("split has no prompt of this category")  # pragma: no cover
 
 
-def _adjacent(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    return abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1
-
-
 def _relation_holds(rel: Relation, a: tuple[int, int], b: tuple[int, int]) -> bool:
     """Cell a (row, col) stands in `rel` to cell b."""
     return {
@@ -260,12 +257,10 @@ def _relation_holds(rel: Relation, a: tuple[int, int], b: tuple[int, int]) -> bo
 
 
 def _place(rng: random.Random, n: int, rel: Relation | None) -> list[tuple[int, int]]:
-    """n distinct cells, no two sharing an edge (so blobs never touch); rel holds for cells 0, 1."""
+    """n distinct cells (objects in neighbouring cells still keep a gap); rel holds for cells 0, 1."""
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     while True:
         pick = rng.sample(cells, n)
-        if any(_adjacent(a, b) for i, a in enumerate(pick) for b in pick[i + 1 :]):
-            continue
         if rel is not None and not _relation_holds(rel, pick[0], pick[1]):
             continue
         return pick
