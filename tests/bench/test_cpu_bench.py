@@ -72,9 +72,10 @@ def test_table_and_toy_skip(tmp_path, capsys, monkeypatch) -> None:
 def test_toy_part_on_an_untrained_toy(tmp_path, monkeypatch) -> None:
     # The bundled toy's architecture, untrained (speed does not depend on the weights).
     from bitflux.toy.build import build_pipeline
+    from bitflux.toy.world import IMAGE_SIZE
 
     build_pipeline(seed=0).save_pretrained(tmp_path / "toy")
     monkeypatch.setattr("bitflux.toy.bundled_path", lambda name: tmp_path / "toy")
     res = cpu.run_toy(steps=1, iters=1)
-    assert res["bf16_s"] > 0 and res["ternary_s"] > 0 and res["size"] == 32
+    assert res["bf16_s"] > 0 and res["ternary_s"] > 0 and res["size"] == IMAGE_SIZE
     assert res["transformer_weight_bytes_ternary"] < res["transformer_weight_bytes_bf16"]

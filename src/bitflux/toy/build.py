@@ -1,7 +1,8 @@
 """Build the untrained tiny FLUX pipeline (standard diffusers/transformers classes) from a seed.
 
 Design: 48x48 RGB images, a 16-channel AutoencoderKL with 8x downsampling (6x6 latents, 3x3 = 9
-packed image tokens of 64 channels, as FLUX: one token per cell of the world's 3x3 grid), a FLUX transformer with 2 double and 4 single blocks of width 128, a tiny
+packed image tokens of 64 channels, as FLUX: one token per cell of the world's 3x3 grid, so an
+object is one token), a FLUX transformer with 2 double and 4 single blocks of width 128, a tiny
 CLIP text model (learned, order-aware: its pooled EOS state carries word order) and a 2-layer T5
 encoder, learned too: FLUX gives text tokens no position (txt_ids are zeros), so only T5's
 relative-position attention can bind "red" to "circle" and tell "left of" which object comes first.
