@@ -24,6 +24,10 @@ from .errors import OutputExistsError
 
 def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
     """(name, config or naive init method) for every row of the sweep."""
+    if base.on_policy_at:
+        flip_policy = ("teacher states only", replace(base, on_policy_at=0.0))
+    else:
+        flip_policy = ("on-policy states at 50%", replace(base, on_policy_at=0.5))
     return [
         ("naive absmean", "absmean"),
         ("naive twn", "twn"),
@@ -33,7 +37,7 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
         ("train latent+scales+bias", replace(base, train="all")),
         ("loss output only", replace(base, loss="output")),
         ("block-wise", replace(base, mode="blockwise", on_policy_at=0.0)),
-        ("teacher states only" if base.on_policy_at else "on-policy states at 50%", replace(base, on_policy_at=0.0 if base.on_policy_at else 0.5)),
+        flip_policy,
         (f"prompts {max(8, base.prompts // 8)}", replace(base, prompts=max(8, base.prompts // 8))),
         (f"steps {max(10, base.steps // 4)}", replace(base, steps=max(10, base.steps // 4))),
     ]

@@ -19,7 +19,8 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.minutes <= 0:
         raise BitfluxError("--minutes must be positive")
-    cfg = TrainConfig(minutes=args.minutes, seed=args.seed, vae_steps=args.vae_steps, **({} if args.steps is None else {"steps": args.steps or None}))
+    steps = TrainConfig.steps if args.steps is None else args.steps or None  # 0: fit the budget
+    cfg = TrainConfig(minutes=args.minutes, seed=args.seed, vae_steps=args.vae_steps, steps=steps)
     out = train(args.output, cfg, resume=args.resume)
     info = (out / "bitflux_toy.json").read_text()
     import json
