@@ -259,11 +259,11 @@ def _save_params(student: nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_params(student: nn.Module, path: Path) -> None:
-    tensors = load_file(str(path))
+def _load_params(student: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Copy `prefix + name` tensors into the student's trainable parameters."""
     with torch.no_grad():
         for n, p in _trainable(student).items():
-            p.copy_(tensors[n])
+            p.copy_(tensors[prefix + n])
 
 
 def _load_ckpt(work: Path, student: nn.Module, opt: torch.optim.Optimizer, config: CalibConfig) -> int:
@@ -271,11 +271,8 @@ def _load_ckpt(work: Path, student: nn.Module, opt: torch.optim.Optimizer, confi
     if meta.get("config") != config.to_dict():
         raise CheckpointError(f"{work}: resume checkpoint was made with a different calibration config")
     tensors = load_file(str(work / "state.safetensors"))
-    params = _trainable(student)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param/{n}"])
-    for n, p in params.items():
+    _load_params(student, tensors, "param/")
+    for n, p in _trainable(student).items():
         st = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
         if st:
             if "step" in st:
@@ -312,7 +309,7 @@ def train(
     if refresh is not None and start > refresh:  # resumed past the refresh: rebuild the same pool
         assert work is not None
         snapshot = build_student(teacher, config)
-        _load_params(snapshot, work / "on_policy.safetensors")
+        _load_params(snapshot, load_file(str(work / "on_policy.safetensors")))
         calls = calls + resample(snapshot)
     t_store: list[torch.Tensor] = []
     s_store: list[torch.Tensor] = []
@@ -418,7 +415,7 @@ def calibrate(
     stats = {
         "prompts": len(prompts),
         "recorded_calls": len(calls),
-        "on_policy_step": config.on_policy_step() if config.mode is Mode.JOINT else None,
+        "on_policy_step": config.on_policy_step(),
         "record_seconds": round(t_rec, 1),
         "seconds": round(time.perf_counter() - t0, 1),
         "final_loss": losses[-1] if losses else None,

@@ -58,12 +58,6 @@ def _calibrate(args: argparse.Namespace) -> int:
     if ref.transformer is not None:
         raise ModelError(f"{args.src}: already quantised; calibrate needs the full-precision pipeline")
     prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
-    pipe = load_pipeline(ref)
-    pipe.set_progress_bar_config(disable=True)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     pipe_kwargs, traj_steps = eval_settings(args.src)
     config = CalibConfig(
         init=args.init,
@@ -84,6 +78,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     work = out.parent / f"{out.name}.partial"
     if not out.parent.is_dir():
         raise ModelError(f"output directory does not exist: {out.parent}")
+    pipe = load_pipeline(ref)
+    pipe.set_progress_bar_config(disable=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, stats = calibrate(pipe, prompts, config, work_dir=work, source=args.src, progress=not args.json)
     save(model, out, extra_json={"calibration.json": stats})
     finish_work_dir(work)
