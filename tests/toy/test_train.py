@@ -37,6 +37,8 @@ def test_t5_binds_words_by_position():
 def test_sigmas_in_unit_interval():
     s = sample_sigmas(1000, torch.Generator().manual_seed(0), 16)
     assert s.min() > 0 and s.max() < 1 and 0.3 < s.mean() < 0.7
+    shifted = sample_sigmas(1000, torch.Generator().manual_seed(0), 16, logit_mean=0.7)
+    assert shifted.mean() > s.mean() + 0.05 and shifted.max() < 1
 
 
 def test_tiny_training_run_writes_a_loadable_pipeline(tmp_path):

@@ -61,9 +61,59 @@ def test_training_data_never_sees_heldout_prompts():
     from bitflux.toy.data import make_data
 
     d = make_data(300, 0, build_tokenizer("clip"), build_tokenizer("t5"))
-    assert not any(w.is_heldout(w.parse_prompt(t)) for t in d.captions)
+    assert not any(w.is_heldout(w.parse_prompt(t)) or w.names_heldout(t) for t in d.captions)
     assert d.images.shape == (300, 3, w.IMAGE_SIZE, w.IMAGE_SIZE)
     assert d.images.min() >= -1 and d.images.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "text, held",
+    [
+        ("a red triangle and a blue square", True),
+        ("two red triangles", True),
+        ("a blue circle to the left of a red square", True),  # held-out order
+        ("a circle and a square", True),
+        ("a square and a circle", False),
+        ("a red object and a blue triangle", False),
+        ("a red object to the left of a green object", False),
+        ("three yellow objects", False),
+        ("a triangle", False),
+    ],
+)
+def test_names_heldout(text, held):
+    assert w.names_heldout(text) == held
+
+
+def test_partial_captions_name_no_heldout_composition():
+    from bitflux.toy.data import partial_caption
+
+    rng = random.Random(3)
+    generic = 0
+    for _ in range(2000):
+        spec = w.random_spec(rng, rng.choice(w.CATEGORIES))
+        text = partial_caption(rng, spec, 0.5)
+        full = w.caption_spec(spec)
+        if text is None:  # only uncoloured held-out specs have no partial caption
+            assert spec.category in (w.Category.SINGLE_OBJECT, w.Category.TWO_OBJECT) and w.names_heldout(full)
+            continue
+        assert not w.names_heldout(text)
+        # the same words, except that some shape names became "object(s)"
+        for t, f in zip(text.split(), full.split(), strict=True):
+            assert t == f or (t.rstrip("s") == w.GENERIC and f.rstrip("s") in w.SHAPES)
+        generic += w.GENERIC in text
+        if any((o.color, o.shape) in w.HELDOUT_COLOR_SHAPE for o in spec.objects):
+            assert w.GENERIC in text
+    assert 300 < generic < 1500
+
+
+def test_partial_training_data_shows_heldout_pairs_but_never_names_them():
+    from bitflux.toy.build import build_tokenizer
+    from bitflux.toy.data import make_data
+
+    d = make_data(200, 0, build_tokenizer("clip"), build_tokenizer("t5"), partial=0.25)
+    assert not any(w.names_heldout(t) for t in d.captions)
+    assert any(w.GENERIC in t for t in d.captions)
+    assert (d.t5_ids == 1).sum() == 0  # no <unk>: "object(s)" are in the vocabulary
 
 
 def test_parse_round_trip():

@@ -20,7 +20,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.minutes <= 0:
         raise BitfluxError("--minutes must be positive")
     steps = TrainConfig.steps if args.steps is None else args.steps or None  # 0: fit the budget
-    cfg = TrainConfig(minutes=args.minutes, seed=args.seed, vae_steps=args.vae_steps, steps=steps)
+    if not 0 <= args.partial_captions <= 1:
+        raise BitfluxError("--partial-captions must be in [0, 1]")
+    cfg = TrainConfig(
+        minutes=args.minutes,
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        steps=steps,
+        logit_mean=args.logit_mean,
+        partial_captions=args.partial_captions,
+    )
     out = train(args.output, cfg, resume=args.resume)
     info = (out / "bitflux_toy.json").read_text()
     import json
@@ -81,7 +90,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of data, init and batches (default 0)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.work/ checkpoints")
     t.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (default 2000)")
-    t.add_argument("--steps", type=int, default=None, help="transformer steps (default 12000; 0: as many as fit the budget)")
+    t.add_argument("--steps", type=int, default=None, help="transformer steps (default 14000; 0: as many as fit the budget)")
+    t.add_argument(
+        "--logit-mean", type=float, default=0.7, help="mean of the logit-normal noise levels; > 0 favours high noise (default 0.7)"
+    )
+    t.add_argument(
+        "--partial-captions",
+        type=float,
+        default=0.25,
+        help="share of coloured objects captioned 'a <colour> object' (held-out pairs always are; default 0.25)",
+    )
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")
     t.set_defaults(func=_train)

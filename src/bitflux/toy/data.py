@@ -1,6 +1,10 @@
-"""Training data for the toy model: rendered training-split scenes, their captions and token ids.
+"""Training data for the toy model: rendered scenes, their captions and token ids.
 
-Deterministic from a seed; held-out compositions never appear (the split is enforced by world).
+Deterministic from a seed. No caption names a held-out composition (world.names_heldout). With
+`partial` > 0, scenes come from the whole grammar and coloured objects are sometimes captioned
+without their shape ("a red object"), always when they are a held-out pair: the images then show
+every colour-shape pair in coloured scenes, as real captions name only part of what they show,
+while the words of a held-out pair still never occur together.
 """
 
 from __future__ import annotations
@@ -13,7 +17,27 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from .world import CATEGORIES, COLORS, TEXT_LENGTH, Category, Scene, Split, caption, render, sample_scene
+from .world import (
+    CATEGORIES,
+    COLORS,
+    GENERIC,
+    HELDOUT_COLOR_SHAPE,
+    HELDOUT_ORDER,
+    NUMBER_WORDS,
+    TEXT_LENGTH,
+    Category,
+    ObjSpec,
+    Scene,
+    Spec,
+    Split,
+    caption,
+    caption_spec,
+    in_split,
+    random_spec,
+    render,
+    sample_scene,
+    scene_for_spec,
+)
 
 # Harder categories are sampled more often.
 CATEGORY_WEIGHTS: dict[Category, float] = {
@@ -49,13 +73,58 @@ def tokenize(clip_tok: PreTrainedTokenizerFast, t5_tok: PreTrainedTokenizerFast,
     return c.input_ids, t.input_ids
 
 
-def make_data(n: int, seed: int, clip_tok: PreTrainedTokenizerFast, t5_tok: PreTrainedTokenizerFast) -> ToyData:
-    """n training-split scenes drawn with CATEGORY_WEIGHTS."""
-    rng = random.Random(f"toy-data-{seed}")
+def _np(o: ObjSpec, generic: bool) -> str:
+    return f"a {o.color} {GENERIC if generic else o.shape}"
+
+
+def partial_caption(rng: random.Random, spec: Spec, p: float) -> str | None:
+    """A caption of `spec` that names no held-out composition, or None if it has no such caption.
+
+    Each coloured object is called GENERIC with probability p, and always if its colour-shape pair
+    is held out; a held-out shape order loses one shape name. Uncoloured categories are as in
+    the grammar (None if held out).
+    """
+    objs = spec.objects
+    if spec.category in (Category.SINGLE_OBJECT, Category.TWO_OBJECT):
+        return caption_spec(spec) if in_split(spec, Split.TRAIN) else None
+    generic = [(o.color, o.shape) in HELDOUT_COLOR_SHAPE or rng.random() < p for o in objs]
+    if len(objs) == 2 and not any(generic) and (objs[0].shape, objs[1].shape) in HELDOUT_ORDER:
+        generic[rng.randrange(2)] = True
+    if spec.category == Category.COUNTING:
+        n = objs[0].count
+        noun = (GENERIC if generic[0] else objs[0].shape) + ("" if n == 1 else "s")
+        return f"{NUMBER_WORDS[n]} {objs[0].color} {noun}"
+    if spec.category == Category.COLORS:
+        return _np(objs[0], generic[0])
+    a, b = _np(objs[0], generic[0]), _np(objs[1], generic[1])
+    if spec.category == Category.COLOR_ATTR:
+        return f"{a} and {b}"
+    assert spec.relation is not None
+    return f"{a} {spec.relation.value} {b}"
+
+
+def _scenes(n: int, rng: random.Random, partial: float) -> tuple[list[Scene], list[str]]:
     cats = list(CATEGORIES)
     weights = [CATEGORY_WEIGHTS[c] for c in cats]
-    scenes = [sample_scene(rng, rng.choices(cats, weights)[0], Split.TRAIN) for _ in range(n)]
-    caps = [caption(s) for s in scenes]
+    if partial <= 0:
+        scenes = [sample_scene(rng, rng.choices(cats, weights)[0], Split.TRAIN) for _ in range(n)]
+        return scenes, [caption(s) for s in scenes]
+    scenes, caps = [], []
+    while len(scenes) < n:
+        spec = random_spec(rng, rng.choices(cats, weights)[0])
+        text = partial_caption(rng, spec, partial)
+        if text is not None:
+            scenes.append(scene_for_spec(rng, spec))
+            caps.append(text)
+    return scenes, caps
+
+
+def make_data(
+    n: int, seed: int, clip_tok: PreTrainedTokenizerFast, t5_tok: PreTrainedTokenizerFast, partial: float = 0.0
+) -> ToyData:
+    """n scenes drawn with CATEGORY_WEIGHTS; partial > 0 uses partial captions (module docstring)."""
+    rng = random.Random(f"toy-data-{seed}")
+    scenes, caps = _scenes(n, rng, partial)
     clip_ids, t5_ids = tokenize(clip_tok, t5_tok, caps)
     return ToyData(images_to_tensor([render(s) for s in scenes]), caps, clip_ids, t5_ids)
 

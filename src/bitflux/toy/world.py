@@ -75,6 +75,7 @@ HELDOUT_COLOR_SHAPE = frozenset(
     {("red", "triangle"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square")}
 )
 HELDOUT_ORDER = frozenset({("circle", "square"), ("triangle", "diamond")})  # (first, second) shapes
+GENERIC = "object"  # training captions may say "a red object" instead of naming the shape (never in eval prompts)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,17 @@ def is_heldout(spec: Spec) -> bool:
     return False
 
 
+def names_heldout(text: str) -> bool:
+    """True if a caption (grammar or partial, see data.partial_caption) names a held-out composition:
+    a held-out colour directly before its held-out shape, or two shapes in a held-out order."""
+    words = text.lower().split()
+    singular = [w[:-1] if w[:-1] in SHAPES else w for w in words]
+    if any((a, b) in HELDOUT_COLOR_SHAPE for a, b in zip(singular, singular[1:])):
+        return True
+    shapes = tuple(w for w in singular if w in SHAPES)
+    return len(shapes) == 2 and shapes in HELDOUT_ORDER
+
+
 def in_split(spec: Spec, split: Split | str) -> bool:
     """Whether a spec belongs to a split. single_object has no composition: it is in both."""
     if spec.category == Category.SINGLE_OBJECT:
@@ -218,7 +230,8 @@ def in_split(spec: Spec, split: Split | str) -> bool:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _random_spec(rng: random.Random, category: Category) -> Spec:
+def random_spec(rng: random.Random, category: Category) -> Spec:
+    """A random spec of a category from the whole grammar (either split)."""
     colors, shapes = list(COLORS), list(SHAPES)
     if category == Category.SINGLE_OBJECT:
         return Spec(category, (ObjSpec(rng.choice(shapes)),))
@@ -240,7 +253,7 @@ def sample_spec(rng: random.Random, category: Category | str, split: Split | str
     """A random spec of a category from a split (rejection sampling over the grammar)."""
     category = Category(category)
     for _ in range(10_000):
-        spec = _random_spec(rng, category)
+        spec = random_spec(rng, category)
         if in_split(spec, split):
             return spec
     raise RuntimeError("split has no prompt of this category")  # pragma: no cover
@@ -349,5 +362,5 @@ def render(scene: Scene) -> Image.Image:
 def vocabulary() -> list[str]:
     """Every word the grammar uses (the tokenizers' vocabulary, before special tokens)."""
     words = ["a", "and", "to", "the", "left", "right", "of", "above", "below"]
-    words += list(COLORS) + list(SHAPES) + list(PLURALS.values()) + list(NUMBERS)
+    words += list(COLORS) + list(SHAPES) + list(PLURALS.values()) + list(NUMBERS) + [GENERIC, GENERIC + "s"]
     return sorted(set(words))
