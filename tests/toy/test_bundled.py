@@ -73,3 +73,14 @@ def test_bundled_vae_keeps_what_the_scorer_checks():
     arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     acc = np.mean([score(a, s.spec) for a, s in zip(arr, scenes)])
     assert acc >= VAE_FLOOR, acc
+
+
+def test_bundled_tokenizers_match_the_builder():
+    """`bitflux toy train` with its defaults builds the vocabulary the bundled toy was trained with."""
+    from transformers import PreTrainedTokenizerFast
+
+    from bitflux.toy.build import build_tokenizer
+
+    for sub, kind in (("tokenizer", "clip"), ("tokenizer_2", "t5")):
+        saved = PreTrainedTokenizerFast.from_pretrained(bundled_path("toy") / sub)
+        assert saved.get_vocab() == build_tokenizer(kind).get_vocab()

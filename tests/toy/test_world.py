@@ -110,7 +110,7 @@ def test_partial_training_data_shows_heldout_pairs_but_never_names_them():
     from bitflux.toy.build import build_tokenizer
     from bitflux.toy.data import make_data
 
-    d = make_data(200, 0, build_tokenizer("clip"), build_tokenizer("t5"), partial=0.25)
+    d = make_data(200, 0, build_tokenizer("clip", generic=True), build_tokenizer("t5", generic=True), partial=0.25)
     assert not any(w.names_heldout(t) for t in d.captions)
     assert any(w.GENERIC in t for t in d.captions)
     assert (d.t5_ids == 1).sum() == 0  # no <unk>: "object(s)" are in the vocabulary

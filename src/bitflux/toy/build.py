@@ -39,16 +39,17 @@ class ToyConfig:
     text_dim: int = 64  # CLIP hidden = T5 d_model
     t5_layers: int = 2
     vae_channels: tuple[int, ...] = (8, 16, 32, 32)
+    generic_words: bool = False  # vocabulary has "object(s)" (training on partial captions)
 
 
-def _vocab() -> dict[str, int]:
-    words = list(SPECIALS) + vocabulary()
+def _vocab(generic: bool = False) -> dict[str, int]:
+    words = list(SPECIALS) + vocabulary(generic)
     return {w: i for i, w in enumerate(words)}
 
 
-def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+def build_tokenizer(kind: str, generic: bool = False) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the world's vocabulary; `clip` adds <bos>..<eos>, `t5` adds </s>."""
-    tok = Tokenizer(models.WordLevel(_vocab(), unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(_vocab(generic), unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if kind == "clip":
@@ -73,7 +74,7 @@ def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
 def build_text_encoders(cfg: ToyConfig, seed: int) -> tuple[CLIPTextModel, T5EncoderModel]:
     """Tiny CLIP and T5 (2 layers each, learned with the transformer)."""
     torch.manual_seed(seed + 1)
-    n = len(_vocab())
+    n = len(_vocab(cfg.generic_words))
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=n,
@@ -165,8 +166,8 @@ def build_pipeline(seed: int = 0, cfg: ToyConfig | None = None) -> FluxPipeline:
         scheduler=build_scheduler(),
         vae=build_vae(cfg, seed),
         text_encoder=clip,
-        tokenizer=build_tokenizer("clip"),
+        tokenizer=build_tokenizer("clip", cfg.generic_words),
         text_encoder_2=t5,
-        tokenizer_2=build_tokenizer("t5"),
+        tokenizer_2=build_tokenizer("t5", cfg.generic_words),
         transformer=build_transformer(cfg, seed),
     )

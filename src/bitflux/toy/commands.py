@@ -90,15 +90,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of data, init and batches (default 0)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.work/ checkpoints")
     t.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (default 2000)")
-    t.add_argument("--steps", type=int, default=None, help="transformer steps (default 14000; 0: as many as fit the budget)")
+    t.add_argument("--steps", type=int, default=None, help="transformer steps (default 12000; 0: as many as fit the budget)")
     t.add_argument(
-        "--logit-mean", type=float, default=0.7, help="mean of the logit-normal noise levels; > 0 favours high noise (default 0.7)"
+        "--logit-mean", type=float, default=0.0, help="mean of the logit-normal noise levels; > 0 favours high noise (default 0)"
     )
     t.add_argument(
         "--partial-captions",
         type=float,
-        default=0.25,
-        help="share of coloured objects captioned 'a <colour> object' (held-out pairs always are; default 0.25)",
+        default=0.0,
+        help="share of coloured objects captioned 'a <colour> object'; > 0 also shows held-out pairs, unnamed (default 0)",
     )
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")

@@ -359,8 +359,10 @@ def render(scene: Scene) -> Image.Image:
     return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
 
 
-def vocabulary() -> list[str]:
-    """Every word the grammar uses (the tokenizers' vocabulary, before special tokens)."""
+def vocabulary(generic: bool = False) -> list[str]:
+    """Every word the grammar uses (the tokenizers' vocabulary, before special tokens); `generic`
+    adds GENERIC and its plural, for models trained on partial captions."""
     words = ["a", "and", "to", "the", "left", "right", "of", "above", "below"]
-    words += list(COLORS) + list(SHAPES) + list(PLURALS.values()) + list(NUMBERS) + [GENERIC, GENERIC + "s"]
+    words += list(COLORS) + list(SHAPES) + list(PLURALS.values()) + list(NUMBERS)
+    words += [GENERIC, GENERIC + "s"] if generic else []
     return sorted(set(words))
