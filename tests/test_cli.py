@@ -74,6 +74,8 @@ def test_cli_bad_inputs(src, tmp_path, capsys):
     (tmp_path / "q" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     _one_line_error(*_run(capsys, "inspect", tmp_path / "q"), "corrupted")
     _one_line_error(*_run(capsys, "generate", tmp_path / "q", "a red circle", "-o", tmp_path / "x.png"), "--base")
+    _one_line_error(*_run(capsys, "toy", "train", tmp_path / "t", "--partial-captions", "1.5"), "--partial-captions")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t.work").exists()
     assert not (tmp_path / "o").exists() and not (tmp_path / "q2").exists() and not (tmp_path / "x.png").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
