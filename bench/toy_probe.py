@@ -29,7 +29,7 @@ from bitflux.toy.data import make_data
 from bitflux.toy.train import TrainConfig, encode_latents, train_flow
 from bitflux.toy.world import CATEGORIES, HELDOUT_COLOR_SHAPE, parse_prompt
 
-FIELDS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 def parse_row(row: str) -> dict:

@@ -23,10 +23,8 @@ from .world import (
     GENERIC,
     HELDOUT_COLOR_SHAPE,
     HELDOUT_ORDER,
-    NUMBER_WORDS,
     TEXT_LENGTH,
     Category,
-    ObjSpec,
     Scene,
     Spec,
     Split,
@@ -73,10 +71,6 @@ def tokenize(clip_tok: PreTrainedTokenizerFast, t5_tok: PreTrainedTokenizerFast,
     return c.input_ids, t.input_ids
 
 
-def _np(o: ObjSpec, generic: bool) -> str:
-    return f"a {o.color} {GENERIC if generic else o.shape}"
-
-
 def partial_caption(rng: random.Random, spec: Spec, p: float) -> str | None:
     """A caption of `spec` that names no held-out composition, or None if it has no such caption.
 
@@ -90,17 +84,8 @@ def partial_caption(rng: random.Random, spec: Spec, p: float) -> str | None:
     generic = [(o.color, o.shape) in HELDOUT_COLOR_SHAPE or rng.random() < p for o in objs]
     if len(objs) == 2 and not any(generic) and (objs[0].shape, objs[1].shape) in HELDOUT_ORDER:
         generic[rng.randrange(2)] = True
-    if spec.category == Category.COUNTING:
-        n = objs[0].count
-        noun = (GENERIC if generic[0] else objs[0].shape) + ("" if n == 1 else "s")
-        return f"{NUMBER_WORDS[n]} {objs[0].color} {noun}"
-    if spec.category == Category.COLORS:
-        return _np(objs[0], generic[0])
-    a, b = _np(objs[0], generic[0]), _np(objs[1], generic[1])
-    if spec.category == Category.COLOR_ATTR:
-        return f"{a} and {b}"
-    assert spec.relation is not None
-    return f"{a} {spec.relation.value} {b}"
+    named = tuple(dataclasses.replace(o, shape=GENERIC) if g else o for o, g in zip(objs, generic))
+    return caption_spec(dataclasses.replace(spec, objects=named))
 
 
 def _scenes(n: int, rng: random.Random, partial: float) -> tuple[list[Scene], list[str]]:

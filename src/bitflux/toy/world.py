@@ -139,7 +139,7 @@ def caption_spec(spec: Spec) -> str:
         return f"{_np(o[0])} {spec.relation.value} {_np(o[1])}"
     if c == Category.COUNTING:
         n = o[0].count
-        noun = o[0].shape if n == 1 else PLURALS[o[0].shape]
+        noun = o[0].shape if n == 1 else PLURALS.get(o[0].shape, o[0].shape + "s")  # GENERIC too
         return f"{NUMBER_WORDS[n]} {o[0].color} {noun}"
     raise ValueError(c)
 
