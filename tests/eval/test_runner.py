@@ -36,3 +36,20 @@ def test_grid_layout_and_rows():
     g = make_grid(cols, ["p1", "p2", "p3"])
     assert g.height == 14 + 3 * 128
     assert pick_rows(["x", "x", "y", "z"], 3) == [0, 2, 3]
+
+
+def test_ratio_interval_is_paired_and_brackets_the_ratio():
+    from bitflux.eval.runner import ratio_interval
+
+    rng = np.random.default_rng(0)
+    items = [PromptItem(f"p{i}", c) for c in Category for i in range(20)]
+    ref = rng.random((4, len(items))) < 0.6
+    same = ratio_interval(ref, ref, items)
+    assert same["ratio"] == 1.0 and same["ratio_ci95"] == [1.0, 1.0]  # paired: identical verdicts never differ
+    worse = ref & (rng.random(ref.shape) < 0.8)  # drops ~20 % of the reference's successes
+    r = ratio_interval(worse, ref, items)
+    lo, hi = r["ratio_ci95"]
+    assert lo <= r["ratio"] <= hi < 1.0
+    assert abs(r["ratio"] - summarize(worse, items)["overall"] / summarize(ref, items)["overall"]) < 1e-3
+    few = ratio_interval(worse[:, ::4], ref[:, ::4], items[::4])  # fewer prompts: a wider interval
+    assert few["ratio_ci95"][1] - few["ratio_ci95"][0] > hi - lo

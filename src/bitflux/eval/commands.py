@@ -24,6 +24,9 @@ def _fmt(res: dict, label: str) -> str:
     fid = res.get("fidelity")
     if fid:
         lines.append(f"  fidelity vs toy: PSNR {fid['psnr_db']:.2f} dB, verdict agreement {fid['verdict_agreement']:.3f}")
+    if "ratio" in res:
+        lo, hi = res["ratio_ci95"]
+        lines.append(f"  overall vs toy: {res['ratio']:.3f}x (95% bootstrap over prompts: {lo:.3f}-{hi:.3f})")
     lines.append(f"  generation took {res['generate_seconds']:.1f}s")
     if res.get("grid"):
         lines.append(f"  grid: {res['grid']}")
@@ -69,10 +72,11 @@ def _run(args: argparse.Namespace) -> int:
             res["fidelity"] = {"psnr_db": 100.0, "verdict_agreement": 1.0}
         else:
             ref_res = evaluate(load_model("toy"), items, args.seeds, cfg, progress=not args.json)
-            from .runner import fidelity
+            from .runner import fidelity, ratio_interval
 
             res["fidelity"] = fidelity(res["_images"], ref_res["_images"], res["_verdicts"], ref_res["_verdicts"])
             res["reference_overall"] = ref_res["overall"]
+            res.update(ratio_interval(res["_verdicts"], ref_res["_verdicts"], items))
             res["_reference"] = ref_res["_images"]
     label = args.model + (" (naive absmean ternary)" if args.naive else "")
     if args.grid:

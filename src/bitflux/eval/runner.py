@@ -122,6 +122,30 @@ def fidelity(images: np.ndarray, ref: np.ndarray, verdicts: np.ndarray, ref_verd
     return {"psnr_db": round(float(np.mean(vals)), 2), "verdict_agreement": round(float((verdicts == ref_verdicts).mean()), 4)}
 
 
+def ratio_interval(verdicts: np.ndarray, ref_verdicts: np.ndarray, items: list[PromptItem], n_boot: int = 2000, seed: int = 0) -> dict:
+    """overall / reference overall, with a 95 % paired bootstrap interval over prompts.
+
+    Prompts are resampled within each category (a prompt keeps all its seeds, and the model and
+    the reference are scored on the same resample), so the interval says how much the ratio
+    depends on which prompts were drawn. verdicts: (seeds, n_prompts) bool, same for ref_verdicts.
+    """
+    rng = np.random.default_rng(seed)
+    model_means, ref_means = [], []
+    for c in CATEGORIES:
+        cols = [i for i, it in enumerate(items) if it.category == c]
+        if not cols:
+            continue
+        m, r = verdicts[:, cols].mean(0), ref_verdicts[:, cols].mean(0)  # (n_c,) per-prompt accuracy
+        idx = rng.integers(0, len(cols), (n_boot, len(cols)))  # (B, n_c)
+        model_means.append(m[idx].mean(1))
+        ref_means.append(r[idx].mean(1))
+    num, den = np.mean(model_means, 0), np.mean(ref_means, 0)  # (B,) overall per resample
+    boot = num[den > 0] / den[den > 0]
+    point = summarize(verdicts, items)["overall"] / max(1e-12, summarize(ref_verdicts, items)["overall"])
+    lo, hi = (np.percentile(boot, [2.5, 97.5]) if boot.size else (float("nan"), float("nan")))
+    return {"ratio": round(float(point), 4), "ratio_ci95": [round(float(lo), 4), round(float(hi), 4)]}
+
+
 def as_pipeline(model):
     """A FluxPipeline from a pipeline, a transformer module (paired with bundled `toy`), or a MODEL string."""
     from diffusers import FluxPipeline
