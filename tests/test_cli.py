@@ -75,6 +75,7 @@ def test_cli_bad_inputs(src, tmp_path, capsys):
     _one_line_error(*_run(capsys, "inspect", tmp_path / "q"), "corrupted")
     _one_line_error(*_run(capsys, "generate", tmp_path / "q", "a red circle", "-o", tmp_path / "x.png"), "--base")
     _one_line_error(*_run(capsys, "toy", "train", tmp_path / "t", "--partial-captions", "1.5"), "--partial-captions")
+    _one_line_error(*_run(capsys, "toy", "train", tmp_path / "t", "--absolute-positions", "1"), "--absolute-positions")
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.work").exists()
     assert not (tmp_path / "o").exists() and not (tmp_path / "q2").exists() and not (tmp_path / "x.png").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -116,6 +116,40 @@ def test_partial_training_data_shows_heldout_pairs_but_never_names_them():
     assert (d.t5_ids == 1).sum() == 0  # no <unk>: "object(s)" are in the vocabulary
 
 
+def test_absolute_scenes_put_the_object_at_the_named_edge():
+    from bitflux.toy.data import absolute_scene
+    from bitflux.toy.scorer import detect
+
+    rng = random.Random(4)
+    seen = set()
+    for _ in range(300):
+        scene, text = absolute_scene(rng)
+        (obj,) = scene.objects
+        words = text.split()
+        assert not w.names_heldout(text) and set(words) <= set(w.vocabulary())
+        rel = next(r for r in w.Relation if text.endswith(r.value.removesuffix(" of")))
+        seen.add(rel)
+        assert w.parse_prompt(text.removesuffix(" " + rel.value.removesuffix(" of"))) == scene.spec
+        row, col = obj.cell
+        assert {w.Relation.LEFT: col == 0, w.Relation.RIGHT: col == w.GRID - 1,
+                w.Relation.ABOVE: row == 0, w.Relation.BELOW: row == w.GRID - 1}[rel], (text, obj.cell)
+        (det,) = detect(w.render(scene))  # the scene is drawn where the caption says
+        assert (det.color, det.shape) == (obj.color, obj.shape)
+        assert abs(det.x - obj.centre[0]) < 3 and abs(det.y - obj.centre[1]) < 3  # cells are 16 px apart
+    assert seen == set(w.Relation)
+
+
+def test_absolute_share_of_training_data():
+    from bitflux.toy.build import build_tokenizer
+    from bitflux.toy.data import make_data
+
+    d = make_data(400, 0, build_tokenizer("clip"), build_tokenizer("t5"), absolute=0.25)
+    bare = [t for t in d.captions if t.endswith(("to the left", "to the right", "above", "below"))]
+    assert 60 < len(bare) < 140
+    assert not any(w.names_heldout(t) for t in d.captions)
+    assert (d.t5_ids == 1).sum() == 0  # no <unk>: the vocabulary is unchanged
+
+
 def test_parse_round_trip():
     rng = random.Random(1)
     for _ in range(500):

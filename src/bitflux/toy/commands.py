@@ -22,6 +22,8 @@ def _train(args: argparse.Namespace) -> int:
     steps = TrainConfig.steps if args.steps is None else args.steps or None  # 0: fit the budget
     if not 0 <= args.partial_captions <= 1:
         raise BitfluxError("--partial-captions must be in [0, 1]")
+    if not 0 <= args.absolute_positions < 1:
+        raise BitfluxError("--absolute-positions must be in [0, 1)")
     cfg = TrainConfig(
         minutes=args.minutes,
         seed=args.seed,
@@ -29,6 +31,7 @@ def _train(args: argparse.Namespace) -> int:
         steps=steps,
         logit_mean=args.logit_mean,
         partial_captions=args.partial_captions,
+        absolute_positions=args.absolute_positions,
     )
     out = train(args.output, cfg, resume=args.resume)
     info = (out / "bitflux_toy.json").read_text()
@@ -99,6 +102,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.0,
         help="share of coloured objects captioned 'a <colour> object'; > 0 also shows held-out pairs, unnamed (default 0)",
+    )
+    t.add_argument(
+        "--absolute-positions",
+        type=float,
+        default=0.0,
+        help="share of scenes that are one object at a grid edge, captioned 'a red circle to the left' (default 0)",
     )
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")

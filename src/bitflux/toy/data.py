@@ -4,7 +4,9 @@ Deterministic from a seed. No caption names a held-out composition (world.names_
 `partial` > 0, scenes come from the whole grammar and coloured objects are sometimes captioned
 without their shape ("a red object"), always when they are a held-out pair: the images then show
 every colour-shape pair in coloured scenes, as real captions name only part of what they show,
-while the words of a held-out pair still never occur together.
+while the words of a held-out pair still never occur together. With `absolute` > 0, a share of
+the scenes is one object at an edge of the grid captioned with a bare relation word ("a red circle
+to the left"): it grounds the relation words in image position (see absolute_scene).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from .world import (
     CATEGORIES,
     COLORS,
     GENERIC,
+    GRID,
     HELDOUT_COLOR_SHAPE,
     HELDOUT_ORDER,
     TEXT_LENGTH,
     Category,
+    Placed,
+    Relation,
     Scene,
     Spec,
     Split,
@@ -34,6 +39,7 @@ from .world import (
     random_spec,
     render,
     sample_scene,
+    sample_spec,
     scene_for_spec,
 )
 
@@ -88,28 +94,65 @@ def partial_caption(rng: random.Random, spec: Spec, p: float) -> str | None:
     return caption_spec(dataclasses.replace(spec, objects=named))
 
 
-def _scenes(n: int, rng: random.Random, partial: float) -> tuple[list[Scene], list[str]]:
+def _at_edge(rel: Relation, cell: tuple[int, int]) -> bool:
+    """Whether a grid cell (row, col) lies at the edge a bare relation word names."""
+    return {
+        Relation.LEFT: cell[1] == 0,
+        Relation.RIGHT: cell[1] == GRID - 1,
+        Relation.ABOVE: cell[0] == 0,
+        Relation.BELOW: cell[0] == GRID - 1,
+    }[rel]
+
+
+def absolute_scene(rng: random.Random) -> tuple[Scene, str]:
+    """One coloured training-split object at an edge of the grid, captioned with the bare relation
+    ("a red circle to the left", "a blue square below").
+
+    Two-object relation prompts only imply where each object goes ("a left of b" puts a in the
+    left columns 2/3 of the time); this states it outright, in the grammar's own words, so a
+    small model can ground the relation words in image position.
+    """
+    spec = sample_spec(rng, Category.COLORS, Split.TRAIN)
+    rel = rng.choice(list(Relation))
+    cell = rng.choice([(r, c) for r in range(GRID) for c in range(GRID) if _at_edge(rel, (r, c))])
+    obj = spec.objects[0]
+    assert obj.color is not None
+    return Scene(spec, (Placed(obj.shape, obj.color, cell),)), f"{caption_spec(spec)} {rel.value.removesuffix(' of')}"
+
+
+def _scenes(n: int, rng: random.Random, partial: float, absolute: float = 0.0) -> tuple[list[Scene], list[str]]:
     cats = list(CATEGORIES)
     weights = [CATEGORY_WEIGHTS[c] for c in cats]
-    if partial <= 0:
-        scenes = [sample_scene(rng, rng.choices(cats, weights)[0], Split.TRAIN) for _ in range(n)]
-        return scenes, [caption(s) for s in scenes]
     scenes, caps = [], []
     while len(scenes) < n:
-        spec = random_spec(rng, rng.choices(cats, weights)[0])
-        text = partial_caption(rng, spec, partial)
-        if text is not None:
-            scenes.append(scene_for_spec(rng, spec))
-            caps.append(text)
+        if absolute > 0 and rng.random() < absolute:  # no extra draw when off: default data unchanged
+            scene, text = absolute_scene(rng)
+        elif partial <= 0:
+            scene = sample_scene(rng, rng.choices(cats, weights)[0], Split.TRAIN)
+            text = caption(scene)
+        else:
+            spec = random_spec(rng, rng.choices(cats, weights)[0])
+            text = partial_caption(rng, spec, partial)
+            if text is None:
+                continue
+            scene = scene_for_spec(rng, spec)
+        scenes.append(scene)
+        caps.append(text)
     return scenes, caps
 
 
 def make_data(
-    n: int, seed: int, clip_tok: PreTrainedTokenizerFast, t5_tok: PreTrainedTokenizerFast, partial: float = 0.0
+    n: int,
+    seed: int,
+    clip_tok: PreTrainedTokenizerFast,
+    t5_tok: PreTrainedTokenizerFast,
+    partial: float = 0.0,
+    absolute: float = 0.0,
 ) -> ToyData:
-    """n scenes drawn with CATEGORY_WEIGHTS; partial > 0 uses partial captions (module docstring)."""
+    """n scenes drawn with CATEGORY_WEIGHTS; partial > 0 uses partial captions, absolute > 0 that
+    share of bare-relation scenes (module docstring)."""
     rng = random.Random(f"toy-data-{seed}")
-    scenes, caps = _scenes(n, rng, partial)
+    scenes, caps = _scenes(n, rng, partial, absolute)
     clip_ids, t5_ids = tokenize(clip_tok, t5_tok, caps)
     return ToyData(images_to_tensor([render(s) for s in scenes]), caps, clip_ids, t5_ids)
 
