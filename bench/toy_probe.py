@@ -49,7 +49,7 @@ def probe(overrides: dict, steps: int, n_scenes: int) -> dict:
     cfg = TrainConfig(**{**overrides, "steps": steps, "n_scenes": n_scenes, "ckpt_every_s": 1e9})
     pipe = build_pipeline(cfg.seed, ToyConfig(generic_words=cfg.partial_captions > 0))
     pipe.vae = AutoencoderKL.from_pretrained(bundled_path("toy") / "vae")
-    data = make_data(cfg.n_scenes, cfg.seed, pipe.tokenizer, pipe.tokenizer_2, cfg.partial_captions, cfg.absolute_positions)
+    data = make_data(cfg.n_scenes, cfg.seed, pipe.tokenizer, pipe.tokenizer_2, cfg.partial_captions, cfg.absolute_positions, cfg.canonical_positions)
     z = encode_latents(pipe.vae, data.images)
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.train()

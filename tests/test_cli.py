@@ -76,6 +76,7 @@ def test_cli_bad_inputs(src, tmp_path, capsys):
     _one_line_error(*_run(capsys, "generate", tmp_path / "q", "a red circle", "-o", tmp_path / "x.png"), "--base")
     _one_line_error(*_run(capsys, "toy", "train", tmp_path / "t", "--partial-captions", "1.5"), "--partial-captions")
     _one_line_error(*_run(capsys, "toy", "train", tmp_path / "t", "--absolute-positions", "1"), "--absolute-positions")
+    _one_line_error(*_run(capsys, "toy", "train", tmp_path / "t", "--canonical-positions", "-0.1"), "--canonical-positions")
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.work").exists()
     assert not (tmp_path / "o").exists() and not (tmp_path / "q2").exists() and not (tmp_path / "x.png").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -150,6 +150,29 @@ def test_absolute_share_of_training_data():
     assert (d.t5_ids == 1).sum() == 0  # no <unk>: the vocabulary is unchanged
 
 
+def test_canonical_relation_scenes_still_satisfy_their_prompt():
+    from bitflux.toy.data import canonical_scene
+    from bitflux.toy.scorer import score
+
+    rng = random.Random(6)
+    for _ in range(100):
+        scene = canonical_scene(w.sample_scene(rng, w.Category.POSITION))
+        a, b = scene.objects
+        assert w._relation_holds(scene.spec.relation, a.cell, b.cell) and a.cell != b.cell
+        assert score(w.render(scene), scene.spec)
+
+
+def test_canonical_share_of_relation_scenes():
+    from bitflux.toy.data import CANONICAL, _scenes
+
+    for share, lo, hi in ((1.0, 1.0, 1.0), (0.5, 0.3, 0.7), (0.0, 0.0, 0.05)):
+        scenes, caps = _scenes(600, random.Random(0), 0.0, canonical=share)
+        rel = [sc for sc in scenes if sc.spec.category == w.Category.POSITION]
+        at = [tuple(o.cell for o in sc.objects) == CANONICAL[sc.spec.relation] for sc in rel]
+        assert len(rel) > 60 and lo <= np.mean(at) <= hi, (share, np.mean(at))
+        assert caps == [w.caption(sc) for sc in scenes]
+
+
 def test_parse_round_trip():
     rng = random.Random(1)
     for _ in range(500):

@@ -24,6 +24,8 @@ def _train(args: argparse.Namespace) -> int:
         raise BitfluxError("--partial-captions must be in [0, 1]")
     if not 0 <= args.absolute_positions < 1:
         raise BitfluxError("--absolute-positions must be in [0, 1)")
+    if not 0 <= args.canonical_positions <= 1:
+        raise BitfluxError("--canonical-positions must be in [0, 1]")
     cfg = TrainConfig(
         minutes=args.minutes,
         seed=args.seed,
@@ -32,6 +34,7 @@ def _train(args: argparse.Namespace) -> int:
         logit_mean=args.logit_mean,
         partial_captions=args.partial_captions,
         absolute_positions=args.absolute_positions,
+        canonical_positions=args.canonical_positions,
     )
     out = train(args.output, cfg, resume=args.resume)
     info = (out / "bitflux_toy.json").read_text()
@@ -108,6 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.0,
         help="share of scenes that are one object at a grid edge, captioned 'a red circle to the left' (default 0)",
+    )
+    t.add_argument(
+        "--canonical-positions",
+        type=float,
+        default=0.0,
+        help="share of relation scenes drawn at fixed far-apart cells (first object at the named side; default 0)",
     )
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")

@@ -48,6 +48,7 @@ class TrainConfig:
     logit_mean: float = 0.0  # noise levels ~ sigmoid(N(logit_mean, 1)); > 0 trains layout (high noise) more
     partial_captions: float = 0.0  # share of coloured objects captioned "a <colour> object" (data.py)
     absolute_positions: float = 0.0  # share of scenes: one object at an edge, "a red circle to the left" (data.py)
+    canonical_positions: float = 0.0  # share of relation scenes drawn at canonical far-apart cells (data.py)
     ema: float = 0.999
     ckpt_every_s: float = 300.0
 
@@ -341,7 +342,9 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = Fals
 
     pipe = build_pipeline(cfg.seed, model_cfg or ToyConfig(generic_words=cfg.partial_captions > 0))
     z = None
-    data = make_data(cfg.n_scenes, cfg.seed, pipe.tokenizer, pipe.tokenizer_2, cfg.partial_captions, cfg.absolute_positions)
+    data = make_data(
+        cfg.n_scenes, cfg.seed, pipe.tokenizer, pipe.tokenizer_2, cfg.partial_captions, cfg.absolute_positions, cfg.canonical_positions
+    )
     info: dict = {"config": asdict(cfg), "image_size": IMAGE_SIZE, "latent_channels": LATENT_CHANNELS, "max_sequence_length": TEXT_LENGTH}
     if (work / "vae" / "config.json").exists():
         pipe.vae = AutoencoderKL.from_pretrained(work / "vae")
