@@ -4,7 +4,9 @@ For each of --pairs training-split position prompts, the prompt is rendered with
 ("to the left of", "to the right of", "above", "below") at the same seeds. Where both objects are
 found, it counts how often the first lies left / right / above / below the second (centroids 4 px
 apart, the scorer's rule). A model that ignores the relation gives the same shares in every row;
-a perfect one gives 1.0 on the diagonal. Prints a table and writes JSON.
+a perfect one gives 1.0 on the diagonal. It also scores bare-relation prompts ("a red circle to the
+left", see `bitflux toy train --absolute-positions`): is the object at the named edge? Prints a
+table and writes JSON.
 
     python bench/toy_relations.py toy --out bench/results/toy-relations.json
 """
@@ -22,7 +24,7 @@ import torch
 
 from bitflux.eval.runner import EvalConfig, PromptItem, generate, load_model
 from bitflux.toy.scorer import REL_MARGIN, _matches, detect
-from bitflux.toy.world import Category, Relation, Split, caption_spec, parse_prompt, sample_spec
+from bitflux.toy.world import CELL, GRID, Category, Relation, Split, caption_spec, parse_prompt, sample_spec
 
 COLUMNS = ("left", "right", "above", "below")
 
@@ -51,6 +53,28 @@ def relation_table(pipe, pairs: int = 24, seeds: int = 2, seed: int = 5) -> dict
     return out
 
 
+def edge_table(pipe, n: int = 48, seeds: int = 2, seed: int = 9) -> dict:
+    """Bare-relation prompts ("a red circle to the left", as `--absolute-positions` trains): the
+    share of images whose object lies in the named edge row/column (1/3 by chance)."""
+    from bitflux.toy.data import absolute_scene
+
+    rng = random.Random(seed)
+    texts = [absolute_scene(rng)[1] for _ in range(n)]
+    images = generate(pipe, [PromptItem(t, Category.COLORS) for t in texts], seeds, EvalConfig())
+    hits: dict[str, list[bool]] = {c: [] for c in COLUMNS}
+    for row in images:
+        for img, text in zip(row, texts):
+            dets = detect(img)
+            if not dets:
+                continue
+            rel = next(c for c, r in zip(COLUMNS, Relation) if text.endswith(r.value.removesuffix(" of")))
+            col, r = int(dets[0].x // CELL), int(dets[0].y // CELL)
+            hits[rel].append({"left": col == 0, "right": col == GRID - 1, "above": r == 0, "below": r == GRID - 1}[rel])
+    out = {c: round(float(np.mean(v)), 3) if v else None for c, v in hits.items()}
+    out["mean"] = round(float(np.mean([x for v in hits.values() for x in v])), 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="toy | toy-1.58bit | pipeline dir | quantised transformer dir")
@@ -60,16 +84,20 @@ def main() -> None:
     ap.add_argument("--out", help="JSON file to write")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    table = relation_table(load_model(args.model), args.pairs, args.seeds)
+    pipe = load_model(args.model)
+    table = relation_table(pipe, args.pairs, args.seeds)
     print(f"{'prompt says':<12} {'n':>4} " + " ".join(f"{c:>6}" for c in COLUMNS))
     for rel in COLUMNS:
         r = table[rel]
         print(f"{rel:<12} {r['n']:>4} " + " ".join(f"{r[c]:>6.2f}" if r[c] is not None else "     -" for c in COLUMNS))
     print(f"diagonal mean {table['diagonal_mean']} (random placement in distinct cells: 0.375)")
+    edges = edge_table(pipe, seeds=args.seeds)
+    print("bare relation ('a red circle to the left'): object at the named edge " +
+          " ".join(f"{c} {edges[c]}" for c in COLUMNS) + f"; mean {edges['mean']} (chance 0.333)")
     if args.out:
         out = Path(args.out)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"model": args.model, "pairs": args.pairs, "seeds": args.seeds, **table}, indent=2))
+        tmp.write_text(json.dumps({"model": args.model, "pairs": args.pairs, "seeds": args.seeds, **table, "bare_relation_edge": edges}, indent=2))
         tmp.replace(out)
         print(f"wrote {out}")
 
