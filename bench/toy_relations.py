@@ -24,7 +24,7 @@ import torch
 
 from bitflux.eval.runner import EvalConfig, PromptItem, generate, load_model
 from bitflux.toy.scorer import REL_MARGIN, _matches, detect
-from bitflux.toy.world import CELL, GRID, Category, Relation, Split, caption_spec, parse_prompt, sample_spec
+from bitflux.toy.world import CELL, Category, Relation, Split, caption_spec, parse_prompt, sample_spec
 
 COLUMNS = ("left", "right", "above", "below")
 
@@ -56,7 +56,7 @@ def relation_table(pipe, pairs: int = 24, seeds: int = 2, seed: int = 5) -> dict
 def edge_table(pipe, n: int = 48, seeds: int = 2, seed: int = 9) -> dict:
     """Bare-relation prompts ("a red circle to the left", as `--absolute-positions` trains): the
     share of images whose object lies in the named edge row/column (1/3 by chance)."""
-    from bitflux.toy.data import absolute_scene
+    from bitflux.toy.data import absolute_scene, at_edge, bare_relation
 
     rng = random.Random(seed)
     texts = [absolute_scene(rng)[1] for _ in range(n)]
@@ -67,9 +67,9 @@ def edge_table(pipe, n: int = 48, seeds: int = 2, seed: int = 9) -> dict:
             dets = detect(img)
             if not dets:
                 continue
-            rel = next(c for c, r in zip(COLUMNS, Relation) if text.endswith(r.value.removesuffix(" of")))
-            col, r = int(dets[0].x // CELL), int(dets[0].y // CELL)
-            hits[rel].append({"left": col == 0, "right": col == GRID - 1, "above": r == 0, "below": r == GRID - 1}[rel])
+            rel = next(r for r in Relation if text.endswith(bare_relation(r)))
+            cell = (int(dets[0].y // CELL), int(dets[0].x // CELL))  # (row, col)
+            hits[rel.name.lower()].append(at_edge(rel, cell))
     out = {c: round(float(np.mean(v)), 3) if v else None for c, v in hits.items()}
     out["mean"] = round(float(np.mean([x for v in hits.values() for x in v])), 3)
     return out

@@ -95,7 +95,12 @@ def partial_caption(rng: random.Random, spec: Spec, p: float) -> str | None:
     return caption_spec(dataclasses.replace(spec, objects=named))
 
 
-def _at_edge(rel: Relation, cell: tuple[int, int]) -> bool:
+def bare_relation(rel: Relation) -> str:
+    """The relation phrase without its object: "to the left", "above"."""
+    return rel.value.removesuffix(" of")
+
+
+def at_edge(rel: Relation, cell: tuple[int, int]) -> bool:
     """Whether a grid cell (row, col) lies at the edge a bare relation word names."""
     return {
         Relation.LEFT: cell[1] == 0,
@@ -115,10 +120,10 @@ def absolute_scene(rng: random.Random) -> tuple[Scene, str]:
     """
     spec = sample_spec(rng, Category.COLORS, Split.TRAIN)
     rel = rng.choice(list(Relation))
-    cell = rng.choice([(r, c) for r in range(GRID) for c in range(GRID) if _at_edge(rel, (r, c))])
+    cell = rng.choice([(r, c) for r in range(GRID) for c in range(GRID) if at_edge(rel, (r, c))])
     obj = spec.objects[0]
     assert obj.color is not None
-    return Scene(spec, (Placed(obj.shape, obj.color, cell),)), f"{caption_spec(spec)} {rel.value.removesuffix(' of')}"
+    return Scene(spec, (Placed(obj.shape, obj.color, cell),)), f"{caption_spec(spec)} {bare_relation(rel)}"
 
 
 # Canonical cells (row, col) of the two objects of a relation prompt: far apart, centred.
