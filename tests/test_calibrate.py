@@ -165,8 +165,47 @@ def test_on_policy_states_join_the_pool_and_resume_exactly(pipe, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_on_policy_rounds_add_states_at_each_refresh_and_resume_exactly(pipe, tmp_path):
+    """Two refreshes (DAgger rounds): the pool grows twice; a run killed after both resumes bit-identically."""
+    cfg = CalibConfig(**{**SMALL, "steps": 8, "on_policy_at": 0.25, "on_policy_rounds": 2})
+    assert cfg.on_policy_steps() == [2, 5]
+    import bitflux.calibrate as cal
+
+    real, sizes = cal.record_states, []
+
+    def spy(p, prompts, config, progress=True, batch=16):
+        calls = real(p, prompts, config, progress, batch)
+        sizes.append(len(calls))
+        return calls
+
+    cal.record_states = spy
+    try:
+        whole, stats = calibrate(pipe, PROMPTS, cfg, progress=False)
+    finally:
+        cal.record_states = real
+    assert len(sizes) == 3 and stats["recorded_calls"] == sizes[0]  # teacher, then two student rounds
+    assert stats["on_policy_steps"] == [2, 5]
+    one, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "steps": 8, "on_policy_at": 0.25}), progress=False)
+    a, c = whole.state_dict(), one.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the second round changed the result
+
+    def die(step, _loss):
+        if step == 7:  # after both refreshes and the checkpoint at 6
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die)
+    assert (work / "on_policy.safetensors").exists() and (work / "on_policy-1.safetensors").exists()
+    resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False)
+    b = resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_on_policy_is_refused_where_it_cannot_work():
     with pytest.raises(BitfluxError, match="joint mode"):
         CalibConfig(on_policy_at=0.5, mode="blockwise")
     with pytest.raises(BitfluxError, match="on_policy_at"):
         CalibConfig(on_policy_at=1.0)
+    with pytest.raises(BitfluxError, match="on_policy_rounds"):
+        CalibConfig(on_policy_at=0.5, on_policy_rounds=0)

@@ -90,10 +90,19 @@ class CalibConfig:
     block_pool: int = 0  # block-wise: recorded calls carried from block to block (0: all)
     on_policy_at: float = 0.0  # joint: after this share of the steps, the states the student itself
     # visits (same prompts and noise, teacher targets) join the pool; 0: teacher states only
+    on_policy_rounds: int = 1  # on-policy refreshes, evenly spaced from on_policy_at to the end (DAgger)
+
+    def on_policy_steps(self) -> list[int]:
+        """The steps at which student-visited states join the pool (empty: never)."""
+        if self.on_policy_at <= 0:
+            return []
+        gap = (1.0 - self.on_policy_at) / self.on_policy_rounds
+        return [round((self.on_policy_at + k * gap) * self.steps) for k in range(self.on_policy_rounds)]
 
     def on_policy_step(self) -> int | None:
-        """The step at which student-visited states join the pool (None: never)."""
-        return round(self.on_policy_at * self.steps) if self.on_policy_at > 0 else None
+        """The first on-policy refresh step (None: never)."""
+        steps = self.on_policy_steps()
+        return steps[0] if steps else None
 
     def __post_init__(self) -> None:
         enums = (("init", InitMethod), ("train", TrainWhat), ("loss", LossKind), ("format", PackFormat), ("mode", Mode))
@@ -101,6 +110,8 @@ class CalibConfig:
             object.__setattr__(self, name, enum(getattr(self, name)))
         if not 0.0 <= self.on_policy_at < 1.0:
             raise BitfluxError(f"on_policy_at must be in [0, 1), got {self.on_policy_at}")
+        if self.on_policy_rounds < 1:
+            raise BitfluxError(f"on_policy_rounds must be >= 1, got {self.on_policy_rounds}")
         if self.on_policy_at > 0 and self.mode is Mode.BLOCKWISE:
             raise BitfluxError("on-policy states need joint mode (block-wise training has no whole student to sample with)")
 
@@ -259,6 +270,11 @@ def _save_params(student: nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _snapshot_name(k: int) -> str:
+    """File of the student snapshot taken at on-policy refresh k."""
+    return "on_policy.safetensors" if k == 0 else f"on_policy-{k}.safetensors"
+
+
 def _load_params(student: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
     """Copy `prefix + name` tensors into the student's trainable parameters."""
     with torch.no_grad():
@@ -292,8 +308,8 @@ def train(
 ) -> tuple[nn.Module, list[float]]:
     """Train a student to match `teacher` on the recorded `calls`; returns (student, loss history).
 
-    `resample(student)` records the states a student visits; it is called once, at
-    `config.on_policy_step()`, and its states join the pool (exposure bias: the student learns the
+    `resample(student)` records the states a student visits; it is called at each of
+    `config.on_policy_steps()`, and its states join the pool (exposure bias: the student learns the
     teacher's answer where its own trajectories drift, not only on the teacher's).
     """
     student = build_student(teacher, config)
@@ -303,14 +319,15 @@ def train(
     start = 0
     if work is not None and (work / "state.json").exists():
         start = _load_ckpt(work, student, opt, config)
-    refresh = config.on_policy_step()
-    if refresh is not None and resample is None:
+    refresh = config.on_policy_steps()
+    if refresh and resample is None:
         raise BitfluxError("on-policy calibration needs a pipeline to sample the student's trajectories")
-    if refresh is not None and start > refresh:  # resumed past the refresh: rebuild the same pool
-        assert work is not None
-        snapshot = build_student(teacher, config)
-        _load_params(snapshot, load_file(str(work / "on_policy.safetensors")))
-        calls = calls + resample(snapshot)
+    for k, at in enumerate(refresh):
+        if start > at:  # resumed past this refresh: rebuild the same pool from its snapshot
+            assert work is not None
+            snapshot = build_student(teacher, config)
+            _load_params(snapshot, load_file(str(work / _snapshot_name(k))))
+            calls = calls + resample(snapshot)
     t_store: list[torch.Tensor] = []
     s_store: list[torch.Tensor] = []
     handles = []
@@ -320,9 +337,9 @@ def train(
     bar = tqdm(range(start, config.steps), desc="calibrate", disable=not progress, initial=start, total=config.steps)
     try:
         for step in bar:
-            if step == refresh:
+            if step in refresh:
                 if work is not None:
-                    _save_params(student, work / "on_policy.safetensors")
+                    _save_params(student, work / _snapshot_name(refresh.index(step)))
                 calls = calls + resample(student)
             g = torch.Generator().manual_seed(config.seed * 7919 + step)
             idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
@@ -416,6 +433,7 @@ def calibrate(
         "prompts": len(prompts),
         "recorded_calls": len(calls),
         "on_policy_step": config.on_policy_step(),
+        "on_policy_steps": config.on_policy_steps(),
         "record_seconds": round(t_rec, 1),
         "seconds": round(time.perf_counter() - t0, 1),
         "final_loss": losses[-1] if losses else None,

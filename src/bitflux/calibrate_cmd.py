@@ -72,6 +72,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         seed=args.seed,
         mode=args.mode,
         on_policy_at=args.on_policy_at,
+        on_policy_rounds=args.on_policy_rounds,
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
     )
@@ -119,6 +120,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.on_policy_at,
         help="share of the steps after which states the student itself visits join the pool "
         f"(joint mode; 0 = teacher states only; default {d.on_policy_at})",
+    )
+    p.add_argument(
+        "--on-policy-rounds",
+        type=int,
+        default=d.on_policy_rounds,
+        help="on-policy refreshes, evenly spaced from --on-policy-at to the end; each adds the current "
+        f"student's states (default {d.on_policy_rounds})",
     )
     p.add_argument("--traj-steps", type=int, help="denoising steps per teacher trajectory (default: eval's for toy)")
     p.add_argument("--batch", type=int, default=d.batch, help="recorded states per step")
