@@ -202,6 +202,43 @@ def test_on_policy_rounds_add_states_at_each_refresh_and_resume_exactly(pipe, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_guided_loss_pairs_cfg_branches_and_resumes_exactly(pipe, tmp_path):
+    """The (cond, uncond) pairs are found in the recorded states; the guided term changes the result."""
+    from bitflux.calibrate import cfg_pairs, record_states
+
+    kw = {**SMALL["pipe_kwargs"], "true_cfg_scale": 2.0, "negative_prompt": ""}
+    cfg = CalibConfig(**{**SMALL, "pipe_kwargs": kw, "guided_weight": 1.0})
+    calls = record_states(pipe, PROMPTS[:3], cfg, progress=False)
+    pairs = cfg_pairs(calls)
+    assert len(pairs) * 2 == len(calls) == 3 * 2 * SMALL["traj_steps"]
+    for c, u in pairs:
+        assert c < u and torch.equal(calls[c]["hidden_states"], calls[u]["hidden_states"])
+    empty = calls[pairs[0][1]]["encoder_hidden_states"]  # every negative branch encodes the same ""
+    assert all(torch.equal(calls[u]["encoder_hidden_states"], empty) for _, u in pairs)
+    assert not any(torch.equal(calls[c]["encoder_hidden_states"], empty) for c, _ in pairs)
+    assert cfg_pairs(calls[::2]) == []  # no partners, no pairs
+
+    whole, _ = calibrate(pipe, PROMPTS, cfg, progress=False, calls=calls)
+    plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "pipe_kwargs": kw}), progress=False, calls=calls)
+    a, c = whole.state_dict(), plain.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+    def die(step, _loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die, calls=calls)
+    resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, calls=calls)
+    b = resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(BitfluxError, match="classifier-free guidance"):
+        CalibConfig(**{**SMALL, "guided_weight": 1.0})
+    with pytest.raises(BitfluxError, match="joint mode"):
+        CalibConfig(**{**SMALL, "pipe_kwargs": kw, "guided_weight": 1.0, "mode": "blockwise"})
+
+
 def test_on_policy_is_refused_where_it_cannot_work():
     with pytest.raises(BitfluxError, match="joint mode"):
         CalibConfig(on_policy_at=0.5, mode="blockwise")

@@ -91,6 +91,8 @@ class CalibConfig:
     on_policy_at: float = 0.0  # joint: after this share of the steps, the states the student itself
     # visits (same prompts and noise, teacher targets) join the pool; 0: teacher states only
     on_policy_rounds: int = 1  # on-policy refreshes, evenly spaced from on_policy_at to the end (DAgger)
+    guided_weight: float = 0.0  # joint: weight of a loss on the CFG-combined velocity u + g (c - u) of
+    # recorded (cond, uncond) pairs, g = pipe_kwargs' true_cfg_scale; 0: branches matched separately only
 
     def on_policy_steps(self) -> list[int]:
         """The steps at which student-visited states join the pool (empty: never)."""
@@ -112,6 +114,12 @@ class CalibConfig:
             raise BitfluxError(f"on_policy_at must be in [0, 1), got {self.on_policy_at}")
         if self.on_policy_rounds < 1:
             raise BitfluxError(f"on_policy_rounds must be >= 1, got {self.on_policy_rounds}")
+        if self.guided_weight < 0:
+            raise BitfluxError(f"guided_weight must be >= 0, got {self.guided_weight}")
+        if self.guided_weight > 0 and self.mode is Mode.BLOCKWISE:
+            raise BitfluxError("the guided loss needs joint mode (it matches the whole model's combined velocity)")
+        if self.guided_weight > 0 and float(self.pipe_kwargs.get("true_cfg_scale", 1.0)) <= 1.0:
+            raise BitfluxError("the guided loss needs classifier-free guidance: pipe_kwargs true_cfg_scale > 1")
         if self.on_policy_at > 0 and self.mode is Mode.BLOCKWISE:
             raise BitfluxError("on-policy states need joint mode (block-wise training has no whole student to sample with)")
 
@@ -216,6 +224,23 @@ def record_states(
     finally:
         handle.remove()
     return calls
+
+
+def cfg_pairs(calls: list[dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
+    """(cond, uncond) index pairs: recorded calls that saw the same latents at the same timestep.
+
+    FluxPipeline's true CFG runs the prompt branch, then the negative branch, on identical inputs,
+    so the first of two calls with equal (hidden_states, timestep) is the conditional one.
+    """
+    first: dict[bytes, int] = {}
+    pairs = []
+    for i, c in enumerate(calls):
+        key = c["hidden_states"].float().numpy().tobytes() + c["timestep"].float().numpy().tobytes()
+        if key in first:
+            pairs.append((first.pop(key), i))
+        else:
+            first[key] = i
+    return pairs
 
 
 def _batch(calls: list[dict[str, torch.Tensor]], idx: list[int]) -> dict[str, torch.Tensor]:
@@ -333,6 +358,10 @@ def train(
     handles = []
     if config.loss is LossKind.BLOCKS:
         handles = _block_outputs(teacher, t_store) + _block_outputs(student, s_store)
+    guidance = float(config.pipe_kwargs.get("true_cfg_scale", 1.0))
+    pairs = cfg_pairs(calls) if config.guided_weight > 0 else []
+    if config.guided_weight > 0 and not pairs:
+        raise BitfluxError("the guided loss found no (cond, uncond) pairs among the recorded states")
     losses: list[float] = []
     bar = tqdm(range(start, config.steps), desc="calibrate", disable=not progress, initial=start, total=config.steps)
     try:
@@ -341,8 +370,13 @@ def train(
                 if work is not None:
                     _save_params(student, work / _snapshot_name(refresh.index(step)))
                 calls = calls + resample(student)
+                pairs = cfg_pairs(calls) if config.guided_weight > 0 else []
             g = torch.Generator().manual_seed(config.seed * 7919 + step)
-            idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
+            if pairs:  # half the batch conditional, the other half their unconditional partners
+                chosen = torch.randint(len(pairs), (max(1, config.batch // 2),), generator=g).tolist()
+                idx = [pairs[j][0] for j in chosen] + [pairs[j][1] for j in chosen]
+            else:
+                idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
             kw = _batch(calls, idx)
             t_store.clear()
             s_store.clear()
@@ -350,6 +384,10 @@ def train(
                 t_out = teacher(**kw, return_dict=False)[0]
             s_out = student(**kw, return_dict=False)[0]
             loss = _nmse(s_out, t_out)
+            if pairs:
+                half = len(idx) // 2
+                guided = lambda o: o[half:] + guidance * (o[:half] - o[half:])  # noqa: E731
+                loss = loss + config.guided_weight * _nmse(guided(s_out), guided(t_out))
             if s_store:
                 loss = loss + sum(_nmse(s, t) for s, t in zip(s_store, t_store)) / len(s_store)
             for group in opt.param_groups:  # cosine decay to 10 %

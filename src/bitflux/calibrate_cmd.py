@@ -73,6 +73,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         mode=args.mode,
         on_policy_at=args.on_policy_at,
         on_policy_rounds=args.on_policy_rounds,
+        guided_weight=args.guided_weight,
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
     )
@@ -127,6 +128,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.on_policy_rounds,
         help="on-policy refreshes, evenly spaced from --on-policy-at to the end; each adds the current "
         f"student's states (default {d.on_policy_rounds})",
+    )
+    p.add_argument(
+        "--guided-weight",
+        type=float,
+        default=d.guided_weight,
+        help="weight of a loss on the guided velocity u + g (c - u) of each (cond, uncond) pair, where "
+        f"CFG amplifies the branches' errors (joint mode, needs CFG; default {d.guided_weight})",
     )
     p.add_argument("--traj-steps", type=int, help="denoising steps per teacher trajectory (default: eval's for toy)")
     p.add_argument("--batch", type=int, default=d.batch, help="recorded states per step")
