@@ -28,6 +28,11 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
         flip_policy = ("teacher states only", replace(base, on_policy_at=0.0))
     else:
         flip_policy = ("on-policy states at 50%", replace(base, on_policy_at=0.5))
+    extra: list[tuple[str, CalibConfig | str]] = [
+        ("on-policy, 3 rounds from 25%", replace(base, on_policy_at=0.25, on_policy_rounds=3)),
+    ]
+    if float(base.pipe_kwargs.get("true_cfg_scale", 1.0)) > 1 and not base.guided_weight:
+        extra.append(("guided loss (w = 1)", replace(base, guided_weight=1.0)))
     return [
         ("naive absmean", "absmean"),
         ("naive twn", "twn"),
@@ -36,10 +41,11 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
         ("train scales only", replace(base, train="scales")),
         ("train latent+scales+bias", replace(base, train="all")),
         ("loss output only", replace(base, loss="output")),
-        ("block-wise", replace(base, mode="blockwise", on_policy_at=0.0)),
+        ("block-wise", replace(base, mode="blockwise", on_policy_at=0.0, guided_weight=0.0)),
         flip_policy,
         (f"prompts {max(8, base.prompts // 8)}", replace(base, prompts=max(8, base.prompts // 8))),
         (f"steps {max(10, base.steps // 4)}", replace(base, steps=max(10, base.steps // 4))),
+        *extra,
     ]
 
 
