@@ -239,6 +239,21 @@ def test_guided_loss_pairs_cfg_branches_and_resumes_exactly(pipe, tmp_path):
         CalibConfig(**{**SMALL, "pipe_kwargs": kw, "guided_weight": 1.0, "mode": "blockwise"})
 
 
+def test_train_full_updates_the_kept_layers_and_nothing_else_changes_format(pipe):
+    """`full` also trains embedders/norm_out/proj_out; `all` leaves them the teacher's."""
+    full, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "train": "full", "lr": 1e-2}), progress=False)
+    part, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "train": "all", "lr": 1e-2}), progress=False)
+    teacher = pipe.transformer.state_dict()
+    for name in ("x_embedder.weight", "context_embedder.weight", "proj_out.weight", "norm_out.linear.weight"):
+        assert torch.equal(part.state_dict()[name], teacher[name])
+        assert not torch.equal(full.state_dict()[name], teacher[name]), name
+        assert full.state_dict()[name].dtype == teacher[name].dtype
+    assert full.state_dict().keys() == part.state_dict().keys()
+    assert sum(isinstance(m, TernaryLinear) for m in full.modules()) == sum(isinstance(m, TernaryLinear) for m in part.modules())
+    with pytest.raises(BitfluxError, match="joint mode"):
+        CalibConfig(train="full", mode="blockwise")
+
+
 def test_on_policy_is_refused_where_it_cannot_work():
     with pytest.raises(BitfluxError, match="joint mode"):
         CalibConfig(on_policy_at=0.5, mode="blockwise")

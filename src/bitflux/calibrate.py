@@ -49,6 +49,9 @@ class TrainWhat(str, Enum):
     """Latent weights (through the straight-through estimator) and scales."""
     ALL = "all"
     """Latent weights, scales and the ternary layers' biases."""
+    FULL = "full"
+    """All of `all`, plus the layers the policy keeps in full precision (embedders, norm_out,
+    proj_out): stored anyway, so the size is unchanged."""
 
 
 class Mode(str, Enum):
@@ -114,6 +117,8 @@ class CalibConfig:
             raise BitfluxError(f"on_policy_at must be in [0, 1), got {self.on_policy_at}")
         if self.on_policy_rounds < 1:
             raise BitfluxError(f"on_policy_rounds must be >= 1, got {self.on_policy_rounds}")
+        if self.train is TrainWhat.FULL and self.mode is Mode.BLOCKWISE:
+            raise BitfluxError("--train full needs joint mode (the kept layers lie outside the blocks)")
         if self.guided_weight < 0:
             raise BitfluxError(f"guided_weight must be >= 0, got {self.guided_weight}")
         if self.guided_weight > 0 and self.mode is Mode.BLOCKWISE:
@@ -166,13 +171,13 @@ def build_student(teacher: nn.Module, config: CalibConfig) -> nn.Module:
     for name in convert:
         _set_submodule(student, name, _FakeTernaryLinear(student.get_submodule(name), config.init))
     for p in student.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(config.train is TrainWhat.FULL)  # the kept layers train only in `full`
     for m in student.modules():
         if isinstance(m, _FakeTernaryLinear):
             m.scale.requires_grad_(True)
             m.latent.requires_grad_(config.train is not TrainWhat.SCALES)
             if m.bias is not None:
-                m.bias.requires_grad_(config.train is TrainWhat.ALL)
+                m.bias.requires_grad_(config.train in (TrainWhat.ALL, TrainWhat.FULL))
     return student
 
 
@@ -187,6 +192,12 @@ def finalize(teacher: nn.Module, student: nn.Module, config: CalibConfig, source
             tl.set_codes(m.codes() * sign[:, None], m.scale.detach().abs())
             if tl.bias is not None:
                 tl.bias.data.copy_(m.bias.detach())
+    if config.train is TrainWhat.FULL:  # the trained full-precision layers, in the model's dtype
+        ternary = {n for n, m in student.named_modules() if isinstance(m, _FakeTernaryLinear)}
+        for name, p in student.named_parameters():
+            if name.rpartition(".")[0] not in ternary:
+                target = model.get_parameter(name)
+                target.data.copy_(p.detach().to(target.dtype))
     return model
 
 
