@@ -13,7 +13,6 @@ Prints a table and writes bench/results/toy-probe.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -28,22 +27,7 @@ from bitflux.toy.build import ToyConfig, build_pipeline
 from bitflux.toy.data import make_data
 from bitflux.toy.train import TrainConfig, encode_latents, train_flow
 from bitflux.toy.world import CATEGORIES, HELDOUT_COLOR_SHAPE, parse_prompt
-
-FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
-
-
-def parse_row(row: str) -> dict:
-    """'base' or 'field=value,field=value' -> TrainConfig overrides."""
-    if row == "base":
-        return {}
-    out = {}
-    for part in row.split(","):
-        key, _, val = part.partition("=")
-        if key not in FIELDS:
-            raise SystemExit(f"unknown TrainConfig field {key!r}; fields: {', '.join(FIELDS)}")
-        out[key] = type(getattr(TrainConfig(), key))(val)
-    return out
-
+from overrides import parse_row
 
 def probe(overrides: dict, steps: int, n_scenes: int) -> dict:
     cfg = TrainConfig(**{**overrides, "steps": steps, "n_scenes": n_scenes, "ckpt_every_s": 1e9})
@@ -81,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for row in args.rows:
-        rows.append({"row": row, **probe(parse_row(row), args.steps, args.n_scenes)})
+        rows.append({"row": row, **probe(parse_row(row, TrainConfig()), args.steps, args.n_scenes)})
         r = rows[-1]
         print(f"{row:<28} held-out {r['heldout']['overall']:.3f}  held-out pairs {r['heldout_pair_accuracy']:.3f}  "
               f"train {r['train']['overall']:.3f}  {r['train_seconds']}s", flush=True)
