@@ -84,3 +84,24 @@ def test_bundled_tokenizers_match_the_builder():
     for sub, kind in (("tokenizer", "clip"), ("tokenizer_2", "t5")):
         saved = PreTrainedTokenizerFast.from_pretrained(bundled_path("toy") / sub)
         assert saved.get_vocab() == build_tokenizer(kind).get_vocab()
+
+
+def test_bundled_ternary_toy_was_calibrated_from_the_bundled_toy():
+    """`toy-1.58bit` pairs with `toy`'s text encoders, so it must come from this very teacher:
+    every layer kept in full precision equals the bundled toy's (calibration trains only the
+    ternary layers by default), and its record names the teacher."""
+    from safetensors.torch import load_file
+
+    from bitflux.linear import TernaryLinear
+    from bitflux.checkpoint import load
+
+    student = load(bundled_path("toy-1.58bit"))
+    teacher = FluxTransformer2DModel.from_pretrained(bundled_path("toy") / "transformer").state_dict()
+    ternary = {n for n, m in student.named_modules() if isinstance(m, TernaryLinear)}
+    kept = {k: v for k, v in load_file(str(bundled_path("toy-1.58bit") / "diffusion_pytorch_model.safetensors")).items()
+            if k.rpartition(".")[0] not in ternary}
+    assert ternary and kept
+    for k, v in kept.items():
+        assert torch.equal(v.float(), teacher[k].float()), k
+    record = json.loads((bundled_path("toy-1.58bit") / "calibration.json").read_text())
+    assert record["config"]["train"] != "full" and record["prompts"] >= 256
