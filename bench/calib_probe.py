@@ -1,9 +1,9 @@
 """Short calibration probes: does a CalibConfig change help, measured in about a minute per row.
 
 What: calibrates the bundled `toy` at ablation scale (128 training prompts, 400 steps, on-policy
-states in 3 rounds from 25 % unless a row overrides it), all rows from one shared teacher
-recording, and scores each on 96 held-out prompts x 1 seed with PSNR to the full-precision model
-at the same seeds. At this size the overall ratio moves by several points by chance; PSNR is the
+states in 3 rounds from 25 % unless a row overrides it) through `bitflux ablate`'s sweep (rows
+that record the same trajectories share one teacher recording), and scores each on 96 held-out
+prompts x 1 seed with PSNR to the full-precision model at the same seeds; seconds exclude scoring. At this size the overall ratio moves by several points by chance; PSNR is the
 steadier signal. Prints a table and writes bench/results/calib-probe.json.
 
     python bench/calib_probe.py --rows base lr=0.004 lr=0.001 batch=32 train=full train=all
@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bitflux.calibrate import CalibConfig, calibrate, record_states
+from bitflux.ablate import run_sweep
+from bitflux.calibrate import CalibConfig
 from bitflux.calibrate_cmd import eval_settings
-from bitflux.eval.runner import EvalConfig, evaluate, load_model, load_prompts, public
-from bitflux.toy.world import prompts as world_prompts
 from overrides import parse_row
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,21 +37,13 @@ def main() -> None:
     pipe_kwargs, traj_steps = eval_settings("toy")
     base = CalibConfig(prompts=args.prompts, steps=args.steps, traj_steps=traj_steps, pipe_kwargs=pipe_kwargs,
                        checkpoint_every=0, on_policy_at=0.25, on_policy_rounds=3)
-    overrides = [parse_row(r, base) for r in args.rows]  # fail on a typo before any work
-    cfg_eval = EvalConfig()
-    items = load_prompts("heldout", 96)
-    bf16 = evaluate(load_model("toy"), items, cfg=cfg_eval)
-    prompts = [p for p, _ in world_prompts("train", base.prompts, seed=base.seed)]
-    calls = record_states(load_model("toy"), prompts, base, False, base.record_batch)
-    rows = []
-    for row, over in zip(args.rows, overrides):
-        t0 = time.perf_counter()
-        model, _ = calibrate(load_model("toy"), prompts, replace(base, **over), progress=False, calls=calls)
-        r = public(evaluate(model, items, reference=bf16["_images"], cfg=cfg_eval))
-        rows.append({"row": row, "overall": r["overall"], "ratio": r["overall"] / bf16["overall"],
-                     "psnr_db": r["fidelity"]["psnr_db"], "seconds": round(time.perf_counter() - t0, 1)})
-        x = rows[-1]
-        print(f"{row:<24} overall {x['overall']:.3f}  ratio {x['ratio']:.3f}  PSNR {x['psnr_db']:.2f} dB  {x['seconds']}s", flush=True)
+    specs = [(r, replace(base, **parse_row(r, base))) for r in args.rows]  # fail on a typo before any work
+    with tempfile.TemporaryDirectory() as work:  # the ablation sweep's machinery, with these rows
+        bf16, *scored = run_sweep(Path(work), base, n_eval=96, progress=False, specs=specs)
+    rows = [{"row": r["row"], "overall": r["overall"], "ratio": r["ratio_vs_bf16"], "psnr_db": r["psnr_db"],
+             "seconds": r["seconds"]} for r in scored]
+    for x in rows:
+        print(f"{x['row']:<24} overall {x['overall']:.3f}  ratio {x['ratio']:.3f}  PSNR {x['psnr_db']:.2f} dB  {x['seconds']}s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

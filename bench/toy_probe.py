@@ -29,6 +29,7 @@ from bitflux.toy.train import TrainConfig, encode_latents, train_flow
 from bitflux.toy.world import CATEGORIES, HELDOUT_COLOR_SHAPE, parse_prompt
 from overrides import parse_row
 
+
 def probe(overrides: dict, steps: int, n_scenes: int) -> dict:
     cfg = TrainConfig(**{**overrides, "steps": steps, "n_scenes": n_scenes, "ckpt_every_s": 1e9})
     pipe = build_pipeline(cfg.seed, ToyConfig(generic_words=cfg.partial_captions > 0))

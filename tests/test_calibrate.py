@@ -21,6 +21,33 @@ def pipe():
     return p
 
 
+def _kill_after(pipe, cfg, work, step, **kw):
+    """Run a calibration into `work` and kill it (KeyboardInterrupt) once step `step` is done."""
+
+    def die(s, _loss):
+        if s == step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die, **kw)
+
+
+@pytest.fixture
+def recordings(monkeypatch):
+    """Log of record_states calls: (did a ternary student sample?, states recorded), in order."""
+    import bitflux.calibrate as cal
+
+    real, log = cal.record_states, []
+
+    def spy(p, prompts, config, progress=True, batch=16):
+        calls = real(p, prompts, config, progress, batch)
+        log.append((any(isinstance(m, _FakeTernaryLinear) for m in p.transformer.modules()), len(calls)))
+        return calls
+
+    monkeypatch.setattr(cal, "record_states", spy)
+    return log
+
+
 def test_student_starts_at_the_initial_ternarisation():
     lin = torch.nn.Linear(40, 12)
     for init in ("absmean", "twn"):
@@ -44,13 +71,8 @@ def test_killed_run_resumes_to_the_same_result(pipe, tmp_path):
     cfg = CalibConfig(**SMALL)
     whole, _ = calibrate(pipe, PROMPTS, cfg, progress=False)
 
-    def die(step, _loss):
-        if step == 5:  # after the checkpoint at step 4, before the end
-            raise KeyboardInterrupt
-
     work = tmp_path / "work"
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die)
+    _kill_after(pipe, cfg, work, 5)  # after the checkpoint at step 4, before the end
     assert (work / "state.json").exists()
     steps_after_resume = []
     resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=lambda s, _l: steps_after_resume.append(s))
@@ -110,13 +132,8 @@ def test_killed_blockwise_run_resumes_from_the_last_finished_block(pipe, tmp_pat
     per = max(1, cfg.steps // n_blocks)
     whole, _ = calibrate(pipe, PROMPTS, cfg, progress=False)
 
-    def die(step, _loss):
-        if step == 2 * per + 1:  # first step of block 2: blocks 0 and 1 are saved
-            raise KeyboardInterrupt
-
     work = tmp_path / "work"
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die)
+    _kill_after(pipe, cfg, work, 2 * per + 1)  # first step of block 2: blocks 0 and 1 are saved
     assert sorted(p.name for p in work.glob("block-*.safetensors")) == ["block-000.safetensors", "block-001.safetensors"]
     steps = []
     resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=lambda s, _l: steps.append(s))
@@ -127,75 +144,39 @@ def test_killed_blockwise_run_resumes_from_the_last_finished_block(pipe, tmp_pat
         calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "mode": "blockwise", "steps": 12, "lr": 1e-4}), work_dir=work, progress=False)
 
 
-def test_on_policy_states_join_the_pool_and_resume_exactly(pipe, tmp_path):
+def test_on_policy_states_join_the_pool_and_resume_exactly(pipe, tmp_path, recordings):
     """Student-visited states are added at the refresh step; a run killed after it resumes bit-identically."""
     cfg = CalibConfig(**{**SMALL, "on_policy_at": 0.5})  # refresh at step 3, checkpoints at 2, 4, 6
     assert cfg.on_policy_step() == 3
-    seen = []
-    import bitflux.calibrate as cal
-
-    real = cal.record_states
-
-    def spy(p, prompts, config, progress=True, batch=16):
-        calls = real(p, prompts, config, progress, batch)
-        seen.append((type(p.transformer).__name__, any(isinstance(m, _FakeTernaryLinear) for m in p.transformer.modules())))
-        return calls
-
-    cal.record_states = spy
-    try:
-        whole, stats = calibrate(pipe, PROMPTS, cfg, progress=False)
-    finally:
-        cal.record_states = real
-    assert [s[1] for s in seen] == [False, True]  # teacher first, then the student at step 3
+    whole, stats = calibrate(pipe, PROMPTS, cfg, progress=False)
+    assert [s[0] for s in recordings] == [False, True]  # teacher first, then the student at step 3
     assert not any(isinstance(m, _FakeTernaryLinear) for m in pipe.transformer.modules())  # teacher restored
     plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**SMALL), progress=False)
     a, c = whole.state_dict(), plain.state_dict()
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the extra states changed the result
 
-    def die(step, _loss):
-        if step == 5:  # after the refresh (3) and the checkpoint at 4
-            raise KeyboardInterrupt
-
     work = tmp_path / "work"
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die)
+    _kill_after(pipe, cfg, work, 5)  # after the refresh (3) and the checkpoint at 4
     assert (work / "on_policy.safetensors").exists()
     resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False)
     b = resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_on_policy_rounds_add_states_at_each_refresh_and_resume_exactly(pipe, tmp_path):
+def test_on_policy_rounds_add_states_at_each_refresh_and_resume_exactly(pipe, tmp_path, recordings):
     """Two refreshes (DAgger rounds): the pool grows twice; a run killed after both resumes bit-identically."""
     cfg = CalibConfig(**{**SMALL, "steps": 8, "on_policy_at": 0.25, "on_policy_rounds": 2})
     assert cfg.on_policy_steps() == [2, 5]
-    import bitflux.calibrate as cal
-
-    real, sizes = cal.record_states, []
-
-    def spy(p, prompts, config, progress=True, batch=16):
-        calls = real(p, prompts, config, progress, batch)
-        sizes.append(len(calls))
-        return calls
-
-    cal.record_states = spy
-    try:
-        whole, stats = calibrate(pipe, PROMPTS, cfg, progress=False)
-    finally:
-        cal.record_states = real
+    whole, stats = calibrate(pipe, PROMPTS, cfg, progress=False)
+    sizes = [n for _, n in recordings]
     assert len(sizes) == 3 and stats["recorded_calls"] == sizes[0]  # teacher, then two student rounds
     assert stats["on_policy_steps"] == [2, 5]
     one, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "steps": 8, "on_policy_at": 0.25}), progress=False)
     a, c = whole.state_dict(), one.state_dict()
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the second round changed the result
 
-    def die(step, _loss):
-        if step == 7:  # after both refreshes and the checkpoint at 6
-            raise KeyboardInterrupt
-
     work = tmp_path / "work"
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die)
+    _kill_after(pipe, cfg, work, 7)  # after both refreshes and the checkpoint at 6
     assert (work / "on_policy.safetensors").exists() and (work / "on_policy-1.safetensors").exists()
     resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False)
     b = resumed.state_dict()
@@ -223,13 +204,8 @@ def test_guided_loss_pairs_cfg_branches_and_resumes_exactly(pipe, tmp_path):
     a, c = whole.state_dict(), plain.state_dict()
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
-    def die(step, _loss):
-        if step == 3:
-            raise KeyboardInterrupt
-
     work = tmp_path / "work"
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=die, calls=calls)
+    _kill_after(pipe, cfg, work, 3, calls=calls)
     resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, calls=calls)
     b = resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -31,7 +31,7 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
     extra: list[tuple[str, CalibConfig | str]] = [
         ("on-policy, 3 rounds from 25%", replace(base, on_policy_at=0.25, on_policy_rounds=3)),
     ]
-    if float(base.pipe_kwargs.get("true_cfg_scale", 1.0)) > 1 and not base.guided_weight:
+    if base.guidance_scale() > 1 and not base.guided_weight:
         extra.append(("guided loss (w = 1)", replace(base, guided_weight=1.0)))
     return [
         ("naive absmean", "absmean"),
@@ -72,8 +72,18 @@ def _row(name: str, model, bf16: dict, seconds: float, items, cfg_eval, extra: d
     }
 
 
-def run_sweep(out: Path, base: CalibConfig, rows: list[str] | None = None, n_eval: int = 96, progress: bool = True) -> list[dict]:
-    """Run the sweep (optionally only the named rows) and write JSON + markdown tables into `out`."""
+def run_sweep(
+    out: Path,
+    base: CalibConfig,
+    rows: list[str] | None = None,
+    n_eval: int = 96,
+    progress: bool = True,
+    specs: list[tuple[str, CalibConfig | str]] | None = None,
+) -> list[dict]:
+    """Run the sweep (optionally only the named rows) and write JSON + markdown tables into `out`.
+
+    `specs` replaces `default_rows(base)`: (name, config or naive init method) per row.
+    """
     from .eval.runner import EvalConfig, evaluate, load_model, load_prompts
     from .quantize import quantize
     from .toy.world import prompts as world_prompts
@@ -86,8 +96,8 @@ def run_sweep(out: Path, base: CalibConfig, rows: list[str] | None = None, n_eva
     from .calibrate import record_states
 
     calib_prompts = [p for p, _ in world_prompts("train", base.prompts, seed=base.seed)]
-    recorded: dict[int, list] = {}  # prompts -> teacher states, shared by rows that differ elsewhere
-    for name, spec in default_rows(base):
+    recorded: dict[str, list] = {}  # teacher states, shared by rows that record the same trajectories
+    for name, spec in specs if specs is not None else default_rows(base):
         if rows and name not in rows:
             continue
         t0 = time.perf_counter()
@@ -97,9 +107,10 @@ def run_sweep(out: Path, base: CalibConfig, rows: list[str] | None = None, n_eva
             extra = {"config": {"naive": spec}}
         else:
             ps = calib_prompts[: spec.prompts]
-            if spec.prompts not in recorded:
-                recorded[spec.prompts] = record_states(pipe, ps, spec, progress, spec.record_batch)
-            model, stats = calibrate(pipe, ps, spec, source="toy", progress=progress, calls=recorded[spec.prompts])
+            key = json.dumps([spec.prompts, spec.seed, spec.traj_steps, spec.record_batch, spec.pipe_kwargs], sort_keys=True)
+            if key not in recorded:
+                recorded[key] = record_states(pipe, ps, spec, progress, spec.record_batch)
+            model, stats = calibrate(pipe, ps, spec, source="toy", progress=progress, calls=recorded[key])
             extra = {"config": spec.to_dict(), "final_loss": stats["final_loss"]}
         results.append(_row(name, model, bf16, time.perf_counter() - t0, items, cfg_eval, extra))
         _write(out, results)

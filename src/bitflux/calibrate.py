@@ -104,6 +104,10 @@ class CalibConfig:
         gap = (1.0 - self.on_policy_at) / self.on_policy_rounds
         return [round((self.on_policy_at + k * gap) * self.steps) for k in range(self.on_policy_rounds)]
 
+    def guidance_scale(self) -> float:
+        """The real-CFG scale the recorded trajectories use (1.0: no guidance, no negative branch)."""
+        return float(self.pipe_kwargs.get("true_cfg_scale", 1.0))
+
     def on_policy_step(self) -> int | None:
         """The first on-policy refresh step (None: never)."""
         steps = self.on_policy_steps()
@@ -123,7 +127,7 @@ class CalibConfig:
             raise BitfluxError(f"guided_weight must be >= 0, got {self.guided_weight}")
         if self.guided_weight > 0 and self.mode is Mode.BLOCKWISE:
             raise BitfluxError("the guided loss needs joint mode (it matches the whole model's combined velocity)")
-        if self.guided_weight > 0 and float(self.pipe_kwargs.get("true_cfg_scale", 1.0)) <= 1.0:
+        if self.guided_weight > 0 and self.guidance_scale() <= 1.0:
             raise BitfluxError("the guided loss needs classifier-free guidance: pipe_kwargs true_cfg_scale > 1")
         if self.on_policy_at > 0 and self.mode is Mode.BLOCKWISE:
             raise BitfluxError("on-policy states need joint mode (block-wise training has no whole student to sample with)")
@@ -369,7 +373,7 @@ def train(
     handles = []
     if config.loss is LossKind.BLOCKS:
         handles = _block_outputs(teacher, t_store) + _block_outputs(student, s_store)
-    guidance = float(config.pipe_kwargs.get("true_cfg_scale", 1.0))
+    guidance = config.guidance_scale()
     pairs = cfg_pairs(calls) if config.guided_weight > 0 else []
     if config.guided_weight > 0 and not pairs:
         raise BitfluxError("the guided loss found no (cond, uncond) pairs among the recorded states")
