@@ -16,5 +16,10 @@ def parse_row(row: str, base) -> dict:
         if key not in fields:
             raise SystemExit(f"unknown {type(base).__name__} field {key!r}; fields: {', '.join(fields)}")
         cur = getattr(base, key)
+        if isinstance(cur, bool):
+            if val.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"{key} takes true or false, got {val!r}")
+            out[key] = val.lower() in ("true", "1")
+            continue
         out[key] = type(cur)(val) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else val
     return out

@@ -237,3 +237,62 @@ def test_on_policy_is_refused_where_it_cannot_work():
         CalibConfig(on_policy_at=1.0)
     with pytest.raises(BitfluxError, match="on_policy_rounds"):
         CalibConfig(on_policy_at=0.5, on_policy_rounds=0)
+
+
+def test_cond_mix_takes_each_token_from_the_call_or_a_donor():
+    from bitflux.calibrate import _mix_conditioning
+
+    def call(v):
+        return {"hidden_states": torch.zeros(1, 4, 8), "encoder_hidden_states": torch.full((1, 6, 8), v),
+                "pooled_projections": torch.full((1, 8), v)}
+
+    calls = [call(float(v)) for v in range(10, 20)]
+    kw = {k: torch.cat([call(float(i))[k] for i in range(4)]) for k in calls[0]}
+    same = _mix_conditioning(kw, calls, 0.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(same[k], kw[k]) for k in kw)
+    mixed = _mix_conditioning(kw, calls, 1.0, torch.Generator().manual_seed(0))
+    again = _mix_conditioning(kw, calls, 1.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(mixed[k], again[k]) for k in kw)  # a pure function of the generator
+    enc = mixed["encoder_hidden_states"]
+    assert torch.equal(mixed["hidden_states"], kw["hidden_states"])  # only the text side changes
+    for i in range(4):
+        vals = set(enc[i, :, 0].tolist())
+        assert all(torch.all(enc[i, t] == enc[i, t, 0]) for t in range(6))  # whole token vectors move
+        assert vals <= {float(i)} | set(range(10, 20)) and len(vals - {float(i)}) <= 1  # self or one donor
+        assert mixed["pooled_projections"][i, 0].item() in {float(i)} | set(range(10, 20))
+    assert not torch.equal(enc, kw["encoder_hidden_states"])
+
+
+def test_ema_and_cond_mix_change_the_result_and_resume_exactly(pipe, tmp_path):
+    cfg = CalibConfig(**{**SMALL, "ema": 0.5, "cond_mix": 0.5, "lr": 1e-2})
+    whole, _ = calibrate(pipe, PROMPTS, cfg, progress=False)
+    for other in ({"ema": 0.0}, {"cond_mix": 0.0}):
+        plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "ema": 0.5, "cond_mix": 0.5, "lr": 1e-2, **other}), progress=False)
+        a, c = whole.state_dict(), plain.state_dict()
+        assert any(not torch.equal(a[k], c[k]) for k in a), other
+    work = tmp_path / "work"
+    _kill_after(pipe, cfg, work, 5)
+    resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(BitfluxError, match="cond_mix"):
+        CalibConfig(cond_mix=1.5)
+    with pytest.raises(BitfluxError, match="ema"):
+        CalibConfig(ema=1.0)
+    with pytest.raises(BitfluxError, match="joint mode"):
+        CalibConfig(cond_mix=0.5, mode="blockwise")
+
+
+def test_on_policy_fresh_samples_the_student_with_new_noise(pipe, monkeypatch):
+    import bitflux.calibrate as cal
+
+    real, seeds = cal.record_states, []
+
+    def spy(p, prompts, config, progress=True, batch=16):
+        seeds.append(config.seed)
+        return real(p, prompts, config, progress, batch)
+
+    monkeypatch.setattr(cal, "record_states", spy)
+    calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "steps": 8, "on_policy_at": 0.25, "on_policy_rounds": 2}), progress=False)
+    calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "steps": 8, "on_policy_at": 0.25, "on_policy_rounds": 2, "on_policy_fresh": True}), progress=False)
+    assert seeds == [0, 0, 0, 0, 1, 2]  # teacher, then rounds 0 and 1: same noise, then fresh noise

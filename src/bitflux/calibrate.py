@@ -21,7 +21,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -96,6 +96,11 @@ class CalibConfig:
     on_policy_rounds: int = 1  # on-policy refreshes, evenly spaced from on_policy_at to the end (DAgger)
     guided_weight: float = 0.0  # joint: weight of a loss on the CFG-combined velocity u + g (c - u) of
     # recorded (cond, uncond) pairs, g = pipe_kwargs' true_cfg_scale; 0: branches matched separately only
+    on_policy_fresh: bool = False  # on-policy rounds sample with new noise (round k: seed + k + 1), not the teacher's
+    cond_mix: float = 0.0  # joint: share of each batch whose text tokens are recombined with another recorded
+    # call's (each token and the pooled vector from either, teacher targets on the same inputs): conditioning
+    # the prompts alone never produce, so the student matches the teacher beyond the prompt set
+    ema: float = 0.0  # decay of an exponential moving average of the trained tensors, used for the result; 0: off
 
     def on_policy_steps(self) -> list[int]:
         """The steps at which student-visited states join the pool (empty: never)."""
@@ -129,6 +134,14 @@ class CalibConfig:
             raise BitfluxError("the guided loss needs joint mode (it matches the whole model's combined velocity)")
         if self.guided_weight > 0 and self.guidance_scale() <= 1.0:
             raise BitfluxError("the guided loss needs classifier-free guidance: pipe_kwargs true_cfg_scale > 1")
+        if not 0.0 <= self.cond_mix <= 1.0:
+            raise BitfluxError(f"cond_mix must be in [0, 1], got {self.cond_mix}")
+        if self.cond_mix > 0 and (self.mode is Mode.BLOCKWISE or self.guided_weight > 0):
+            raise BitfluxError("cond_mix needs joint mode without the guided loss (mixing breaks (cond, uncond) pairs)")
+        if not 0.0 <= self.ema < 1.0:
+            raise BitfluxError(f"ema must be in [0, 1), got {self.ema}")
+        if self.ema > 0 and self.mode is Mode.BLOCKWISE:
+            raise BitfluxError("ema needs joint mode")
         if self.on_policy_at > 0 and self.mode is Mode.BLOCKWISE:
             raise BitfluxError("on-policy states need joint mode (block-wise training has no whole student to sample with)")
 
@@ -270,6 +283,27 @@ def _batch(calls: list[dict[str, torch.Tensor]], idx: list[int]) -> dict[str, to
     return out
 
 
+def _mix_conditioning(
+    kw: dict[str, torch.Tensor], calls: list[dict[str, torch.Tensor]], share: float, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Recombine the text states of a `share` of the batch with random donor calls, token by token."""
+    b = kw["hidden_states"].shape[0]
+    rows = torch.rand(b, generator=g) < share
+    donors = torch.randint(len(calls), (b,), generator=g).tolist()
+    enc, pooled = kw["encoder_hidden_states"], kw["pooled_projections"]
+    tokens = torch.rand(enc.shape[:2], generator=g)[..., None] < 0.5
+    whole = torch.rand(b, generator=g)[:, None] < 0.5
+    if not rows.any():
+        return kw
+    d_enc = torch.cat([calls[i]["encoder_hidden_states"] for i in donors])
+    d_pooled = torch.cat([calls[i]["pooled_projections"] for i in donors])
+    r = rows[:, None]
+    out = dict(kw)
+    out["encoder_hidden_states"] = torch.where(r[..., None] & tokens, d_enc.to(enc.dtype), enc)
+    out["pooled_projections"] = torch.where(r & whole, d_pooled.to(pooled.dtype), pooled)
+    return out
+
+
 # ---------------------------------------------------------------------------------------- training
 def _block_outputs(model: nn.Module, store: list[torch.Tensor]) -> list:
     def hook(_m, _a, out):
@@ -288,9 +322,13 @@ def _trainable(student: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in student.named_parameters() if p.requires_grad}
 
 
-def _save_ckpt(work: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, config: CalibConfig) -> None:
+def _save_ckpt(
+    work: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, config: CalibConfig,
+    ema: dict[str, torch.Tensor] | None = None,
+) -> None:
     params = _trainable(student)
     tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
+    tensors.update({f"ema/{n}": t.contiguous() for n, t in (ema or {}).items()})
     names = {id(p): n for n, p in params.items()}
     for p, st in opt.state.items():
         for k, v in st.items():
@@ -322,12 +360,17 @@ def _load_params(student: nn.Module, tensors: dict[str, torch.Tensor], prefix: s
             p.copy_(tensors[prefix + n])
 
 
-def _load_ckpt(work: Path, student: nn.Module, opt: torch.optim.Optimizer, config: CalibConfig) -> int:
+def _load_ckpt(
+    work: Path, student: nn.Module, opt: torch.optim.Optimizer, config: CalibConfig,
+    ema: dict[str, torch.Tensor] | None = None,
+) -> int:
     meta = json.loads((work / "state.json").read_text())
     if meta.get("config") != config.to_dict():
         raise CheckpointError(f"{work}: resume checkpoint was made with a different calibration config")
     tensors = load_file(str(work / "state.safetensors"))
     _load_params(student, tensors, "param/")
+    for n in ema or {}:
+        ema[n].copy_(tensors[f"ema/{n}"])
     for n, p in _trainable(student).items():
         st = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
         if st:
@@ -344,11 +387,11 @@ def train(
     work: Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
-    resample: Callable[[nn.Module], list[dict[str, torch.Tensor]]] | None = None,
+    resample: Callable[[nn.Module, int], list[dict[str, torch.Tensor]]] | None = None,
 ) -> tuple[nn.Module, list[float]]:
     """Train a student to match `teacher` on the recorded `calls`; returns (student, loss history).
 
-    `resample(student)` records the states a student visits; it is called at each of
+    `resample(student, k)` records the states a student visits at refresh k; it is called at each of
     `config.on_policy_steps()`, and its states join the pool (exposure bias: the student learns the
     teacher's answer where its own trajectories drift, not only on the teacher's).
     """
@@ -356,9 +399,10 @@ def train(
     teacher = teacher.float().eval()
     params = list(_trainable(student).values())
     opt = torch.optim.Adam(params, lr=config.lr)
+    ema = {n: p.detach().clone() for n, p in _trainable(student).items()} if config.ema > 0 else None
     start = 0
     if work is not None and (work / "state.json").exists():
-        start = _load_ckpt(work, student, opt, config)
+        start = _load_ckpt(work, student, opt, config, ema)
     refresh = config.on_policy_steps()
     if refresh and resample is None:
         raise BitfluxError("on-policy calibration needs a pipeline to sample the student's trajectories")
@@ -367,7 +411,7 @@ def train(
             assert work is not None
             snapshot = build_student(teacher, config)
             _load_params(snapshot, load_file(str(work / _snapshot_name(k))))
-            calls = calls + resample(snapshot)
+            calls = calls + resample(snapshot, k)
     t_store: list[torch.Tensor] = []
     s_store: list[torch.Tensor] = []
     handles = []
@@ -384,7 +428,7 @@ def train(
             if step in refresh:
                 if work is not None:
                     _save_params(student, work / _snapshot_name(refresh.index(step)))
-                calls = calls + resample(student)
+                calls = calls + resample(student, refresh.index(step))
                 pairs = cfg_pairs(calls) if config.guided_weight > 0 else []
             g = torch.Generator().manual_seed(config.seed * 7919 + step)
             if pairs:  # half the batch conditional, the other half their unconditional partners
@@ -393,6 +437,8 @@ def train(
             else:
                 idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
             kw = _batch(calls, idx)
+            if config.cond_mix > 0:
+                kw = _mix_conditioning(kw, calls, config.cond_mix, g)
             t_store.clear()
             s_store.clear()
             with torch.no_grad():
@@ -410,15 +456,21 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for n, p in _trainable(student).items():
+                        ema[n].lerp_(p, 1.0 - config.ema)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if work is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save_ckpt(work, student, opt, step + 1, config)
+                _save_ckpt(work, student, opt, step + 1, config, ema)
             if on_step is not None:
                 on_step(step + 1, losses[-1])
     finally:
         for h in handles:
             h.remove()
+    if ema is not None:  # the result is the average, not the last iterate
+        _load_params(student, ema)
     return student, losses
 
 
@@ -470,13 +522,14 @@ def calibrate(
         student = train_blockwise(teacher, calls, config, progress, on_step=_step, work=work)
     else:
 
-        def resample(student: nn.Module) -> list[dict[str, torch.Tensor]]:
+        def resample(student: nn.Module, k: int) -> list[dict[str, torch.Tensor]]:
             if pipe.transformer.dtype != torch.float32:
                 raise BitfluxError("on-policy calibration samples with the fp32 student: load the teacher pipeline in fp32")
             teacher_module = pipe.transformer
             pipe.transformer = student
             try:
-                return record_states(pipe, prompts, config, progress, config.record_batch)
+                noise = replace(config, seed=config.seed + k + 1) if config.on_policy_fresh else config
+                return record_states(pipe, prompts, noise, progress, config.record_batch)
             finally:
                 pipe.transformer = teacher_module
 

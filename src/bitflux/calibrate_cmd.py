@@ -74,6 +74,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         on_policy_at=args.on_policy_at,
         on_policy_rounds=args.on_policy_rounds,
         guided_weight=args.guided_weight,
+        on_policy_fresh=args.on_policy_fresh,
+        cond_mix=args.cond_mix,
+        ema=args.ema,
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
     )
@@ -135,6 +138,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.guided_weight,
         help="weight of a loss on the guided velocity u + g (c - u) of each (cond, uncond) pair, where "
         f"CFG amplifies the branches' errors (joint mode, needs CFG; default {d.guided_weight})",
+    )
+    p.add_argument(
+        "--on-policy-fresh",
+        action="store_true",
+        help="on-policy rounds sample the student with new noise (round k: seed + k + 1) instead of the teacher's",
+    )
+    p.add_argument(
+        "--cond-mix",
+        type=float,
+        default=d.cond_mix,
+        help="share of each batch whose text tokens are recombined with another recorded prompt's; the teacher "
+        f"labels the mixed inputs, so the student matches it beyond the prompt set (joint mode; default {d.cond_mix})",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=d.ema,
+        help=f"decay of a moving average of the trained tensors, used for the result (0 = off; default {d.ema})",
     )
     p.add_argument("--traj-steps", type=int, help="denoising steps per teacher trajectory (default: eval's for toy)")
     p.add_argument("--batch", type=int, default=d.batch, help="recorded states per step")
