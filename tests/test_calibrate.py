@@ -296,3 +296,24 @@ def test_on_policy_fresh_samples_the_student_with_new_noise(pipe, monkeypatch):
     calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "steps": 8, "on_policy_at": 0.25, "on_policy_rounds": 2}), progress=False)
     calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "steps": 8, "on_policy_at": 0.25, "on_policy_rounds": 2, "on_policy_fresh": True}), progress=False)
     assert seeds == [0, 0, 0, 0, 1, 2]  # teacher, then rounds 0 and 1: same noise, then fresh noise
+
+
+def test_time_weight_favours_high_noise_states(pipe):
+    from bitflux.calibrate import _nmse, _time_weights
+
+    t = torch.tensor([1.0, 0.5, 0.25, 0.125])
+    assert _time_weights(t, 0.0) is None
+    w = _time_weights(t, 2.0)
+    assert torch.allclose(w.mean(), torch.tensor(1.0)) and torch.all(w[:-1] > w[1:])
+    a, b = torch.zeros(4, 3), torch.ones(4, 3)
+    a[0] = 1.0  # no error on the high-noise sample: weighting lowers the loss
+    assert _nmse(a, b, w) < _nmse(a, b)
+    assert torch.allclose(_nmse(a, b, torch.ones(4)), _nmse(a, b))
+    weighted, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "time_weight": 2.0, "lr": 1e-2}), progress=False)
+    plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "lr": 1e-2}), progress=False)
+    x, y = weighted.state_dict(), plain.state_dict()
+    assert any(not torch.equal(x[k], y[k]) for k in x)
+    with pytest.raises(BitfluxError, match="time_weight"):
+        CalibConfig(time_weight=-1.0)
+    with pytest.raises(BitfluxError, match="time_weight"):
+        CalibConfig(time_weight=1.0, mode="blockwise")

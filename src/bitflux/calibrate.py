@@ -100,6 +100,8 @@ class CalibConfig:
     cond_mix: float = 0.0  # joint: share of each batch whose text tokens are recombined with another recorded
     # call's (each token and the pooled vector from either, teacher targets on the same inputs): conditioning
     # the prompts alone never produce, so the student matches the teacher beyond the prompt set
+    time_weight: float = 0.0  # joint: each state's loss weighted by t**p (t in [0, 1], 1 = pure noise), mean 1 per
+    # batch; p > 0 favours the high-noise steps where layout and counts are decided; 0: uniform
     ema: float = 0.0  # decay of an exponential moving average of the trained tensors, used for the result; 0: off
 
     def on_policy_steps(self) -> list[int]:
@@ -138,6 +140,8 @@ class CalibConfig:
             raise BitfluxError(f"cond_mix must be in [0, 1], got {self.cond_mix}")
         if self.cond_mix > 0 and (self.mode is Mode.BLOCKWISE or self.guided_weight > 0):
             raise BitfluxError("cond_mix needs joint mode without the guided loss (mixing breaks (cond, uncond) pairs)")
+        if self.time_weight < 0 or (self.time_weight > 0 and self.mode is Mode.BLOCKWISE):
+            raise BitfluxError(f"time_weight must be >= 0 and needs joint mode, got {self.time_weight} ({self.mode.value})")
         if not 0.0 <= self.ema < 1.0:
             raise BitfluxError(f"ema must be in [0, 1), got {self.ema}")
         if self.ema > 0 and self.mode is Mode.BLOCKWISE:
@@ -314,8 +318,20 @@ def _block_outputs(model: nn.Module, store: list[torch.Tensor]) -> list:
     return [b.register_forward_hook(hook) for b in blocks]
 
 
-def _nmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.float() - b.float()).square().mean() / b.float().square().mean().clamp_min(1e-8)
+def _nmse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error over the target's energy; `weight` (B,) weights each sample's error."""
+    err = (a.float() - b.float()).square()
+    if weight is not None:
+        err = err * weight.reshape(-1, *[1] * (err.dim() - 1))
+    return err.mean() / b.float().square().mean().clamp_min(1e-8)
+
+
+def _time_weights(timestep: torch.Tensor, power: float) -> torch.Tensor | None:
+    """Per-sample loss weights t**power, normalised to mean 1 (None when power is 0)."""
+    if power == 0:
+        return None
+    w = timestep.float().reshape(-1).clamp_min(1e-3) ** power
+    return w / w.mean()
 
 
 def _trainable(student: nn.Module) -> dict[str, nn.Parameter]:
@@ -444,13 +460,14 @@ def train(
             with torch.no_grad():
                 t_out = teacher(**kw, return_dict=False)[0]
             s_out = student(**kw, return_dict=False)[0]
-            loss = _nmse(s_out, t_out)
+            weight = _time_weights(kw["timestep"], config.time_weight)
+            loss = _nmse(s_out, t_out, weight)
             if pairs:
                 half = len(idx) // 2
                 guided = lambda o: o[half:] + guidance * (o[:half] - o[half:])  # noqa: E731
                 loss = loss + config.guided_weight * _nmse(guided(s_out), guided(t_out))
             if s_store:
-                loss = loss + sum(_nmse(s, t) for s, t in zip(s_store, t_store)) / len(s_store)
+                loss = loss + sum(_nmse(s, t, weight) for s, t in zip(s_store, t_store)) / len(s_store)
             for group in opt.param_groups:  # cosine decay to 10 %
                 group["lr"] = config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, config.steps))))
             opt.zero_grad(set_to_none=True)

@@ -76,6 +76,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         guided_weight=args.guided_weight,
         on_policy_fresh=args.on_policy_fresh,
         cond_mix=args.cond_mix,
+        time_weight=args.time_weight,
         ema=args.ema,
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
@@ -150,6 +151,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.cond_mix,
         help="share of each batch whose text tokens are recombined with another recorded prompt's; the teacher "
         f"labels the mixed inputs, so the student matches it beyond the prompt set (joint mode; default {d.cond_mix})",
+    )
+    p.add_argument(
+        "--time-weight",
+        type=float,
+        default=d.time_weight,
+        help="weight each recorded state's loss by t**P (t = 1 pure noise): P > 0 favours the early steps "
+        f"where layout and counts are decided (joint mode; default {d.time_weight})",
     )
     p.add_argument(
         "--ema",
