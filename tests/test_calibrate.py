@@ -317,3 +317,40 @@ def test_time_weight_favours_high_noise_states(pipe):
         CalibConfig(time_weight=-1.0)
     with pytest.raises(BitfluxError, match="time_weight"):
         CalibConfig(time_weight=1.0, mode="blockwise")
+
+
+def test_rollout_steps_train_through_the_sampler_and_resume_exactly(pipe, tmp_path):
+    """After the state-matching steps, rollout steps match whole trajectories (gradients flow through
+    every denoising step); a run killed inside the rollout phase resumes bit-identically."""
+    from bitflux.calibrate import sample_latents
+
+    cfg = CalibConfig(**{**SMALL, "steps": 4, "rollout_steps": 4, "rollout_batch": 2, "rollout_lr": 1e-2})
+    teacher = sample_latents(pipe, PROMPTS[:2], [1, 2], cfg)
+    assert len(teacher) == cfg.traj_steps and not teacher[-1].requires_grad
+    assert torch.equal(sample_latents(pipe, PROMPTS[:2], [1, 2], cfg)[-1], teacher[-1])  # noise is the seeds'
+    for p in pipe.transformer.parameters():
+        p.requires_grad_(True)
+    try:
+        out = sample_latents(pipe, PROMPTS[:2], [1, 2], cfg, grad=True)[-1]
+        out.square().mean().backward()
+        assert pipe.transformer.x_embedder.weight.grad.abs().sum() > 0
+    finally:
+        for p in pipe.transformer.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+
+    losses = []
+    whole, stats = calibrate(pipe, PROMPTS, cfg, progress=False, on_step=lambda s, loss: losses.append(s))
+    assert losses == list(range(1, 9)) and stats["rollout_steps"] == 4
+    plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "steps": 4}), progress=False)
+    a, c = whole.state_dict(), plain.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    work = tmp_path / "work"
+    _kill_after(pipe, cfg, work, 7)  # after the checkpoint at step 6, inside the rollout phase
+    resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False)
+    b = resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(BitfluxError, match="joint mode"):
+        CalibConfig(rollout_steps=2, mode="blockwise")
+    with pytest.raises(BitfluxError, match="rollout"):
+        CalibConfig(rollout_steps=-1)

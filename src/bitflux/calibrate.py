@@ -102,6 +102,10 @@ class CalibConfig:
     # the prompts alone never produce, so the student matches the teacher beyond the prompt set
     time_weight: float = 0.0  # joint: each state's loss weighted by t**p (t in [0, 1], 1 = pure noise), mean 1 per
     # batch; p > 0 favours the high-noise steps where layout and counts are decided; 0: uniform
+    rollout_steps: int = 0  # joint: optimiser steps after `steps` on whole trajectories: the student samples from
+    # fresh noise and matches the teacher's latents after every denoising step, backpropagated through the sampler
+    rollout_batch: int = 8  # calibration prompts per rollout step
+    rollout_lr: float = 1e-4  # peak learning rate of the rollout phase (cosine decay to 10 %)
     ema: float = 0.0  # decay of an exponential moving average of the trained tensors, used for the result; 0: off
 
     def on_policy_steps(self) -> list[int]:
@@ -142,6 +146,10 @@ class CalibConfig:
             raise BitfluxError("cond_mix needs joint mode without the guided loss (mixing breaks (cond, uncond) pairs)")
         if self.time_weight < 0 or (self.time_weight > 0 and self.mode is Mode.BLOCKWISE):
             raise BitfluxError(f"time_weight must be >= 0 and needs joint mode, got {self.time_weight} ({self.mode.value})")
+        if self.rollout_steps < 0 or self.rollout_batch < 1:
+            raise BitfluxError(f"rollout_steps must be >= 0 and rollout_batch >= 1, got {self.rollout_steps}, {self.rollout_batch}")
+        if self.rollout_steps and self.mode is Mode.BLOCKWISE:
+            raise BitfluxError("rollout steps need joint mode (they sample with the whole student)")
         if not 0.0 <= self.ema < 1.0:
             raise BitfluxError(f"ema must be in [0, 1), got {self.ema}")
         if self.ema > 0 and self.mode is Mode.BLOCKWISE:
@@ -258,6 +266,31 @@ def record_states(
     return calls
 
 
+def sample_latents(pipe, prompts: list[str], seeds: list[int], config: CalibConfig, grad: bool = False) -> list[torch.Tensor]:
+    """The latents after every denoising step of `pipe` on the prompts (prompt j from noise seed seeds[j]).
+
+    With grad=True the sampler runs with autograd on, so a loss on the result trains the transformer
+    through the whole trajectory (the pipeline's own __call__ is wrapped in no_grad).
+    """
+    call = type(pipe).__call__
+    if grad:
+        call = getattr(call, "__wrapped__", None)
+        if call is None:
+            raise BitfluxError(f"{type(pipe).__name__} cannot sample with gradients (no undecorated __call__)")
+    out: list[torch.Tensor] = []
+
+    def keep(_pipe, _i, _t, tensors):
+        out.append(tensors["latents"])
+        return {}
+
+    kwargs = dict(config.pipe_kwargs)
+    if isinstance(kwargs.get("negative_prompt"), str):
+        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompts)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    call(pipe, prompts, num_inference_steps=config.traj_steps, generator=gens, output_type="latent", callback_on_step_end=keep, **kwargs)
+    return out
+
+
 def cfg_pairs(calls: list[dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
     """(cond, uncond) index pairs: recorded calls that saw the same latents at the same timestep.
 
@@ -334,6 +367,11 @@ def _time_weights(timestep: torch.Tensor, power: float) -> torch.Tensor | None:
     return w / w.mean()
 
 
+def _cosine(peak: float, step: int, steps: int) -> float:
+    """Learning rate at `step` of a cosine decay from `peak` to 10 % of it over `steps`."""
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, steps))))
+
+
 def _trainable(student: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in student.named_parameters() if p.requires_grad}
 
@@ -404,12 +442,14 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     resample: Callable[[nn.Module, int], list[dict[str, torch.Tensor]]] | None = None,
+    rollout: Callable[[nn.Module, int], torch.Tensor] | None = None,
 ) -> tuple[nn.Module, list[float]]:
     """Train a student to match `teacher` on the recorded `calls`; returns (student, loss history).
 
     `resample(student, k)` records the states a student visits at refresh k; it is called at each of
     `config.on_policy_steps()`, and its states join the pool (exposure bias: the student learns the
-    teacher's answer where its own trajectories drift, not only on the teacher's).
+    teacher's answer where its own trajectories drift, not only on the teacher's). `rollout(student,
+    step)` is the trajectory loss of each of the `config.rollout_steps` steps after `config.steps`.
     """
     student = build_student(teacher, config)
     teacher = teacher.float().eval()
@@ -422,6 +462,9 @@ def train(
     refresh = config.on_policy_steps()
     if refresh and resample is None:
         raise BitfluxError("on-policy calibration needs a pipeline to sample the student's trajectories")
+    if config.rollout_steps and rollout is None:
+        raise BitfluxError("rollout steps need a pipeline to sample the student's trajectories")
+    total = config.steps + config.rollout_steps
     for k, at in enumerate(refresh):
         if start > at:  # resumed past this refresh: rebuild the same pool from its snapshot
             assert work is not None
@@ -438,7 +481,7 @@ def train(
     if config.guided_weight > 0 and not pairs:
         raise BitfluxError("the guided loss found no (cond, uncond) pairs among the recorded states")
     losses: list[float] = []
-    bar = tqdm(range(start, config.steps), desc="calibrate", disable=not progress, initial=start, total=config.steps)
+    bar = tqdm(range(start, total), desc="calibrate", disable=not progress, initial=start, total=total)
     try:
         for step in bar:
             if step in refresh:
@@ -446,30 +489,37 @@ def train(
                     _save_params(student, work / _snapshot_name(refresh.index(step)))
                 calls = calls + resample(student, refresh.index(step))
                 pairs = cfg_pairs(calls) if config.guided_weight > 0 else []
-            g = torch.Generator().manual_seed(config.seed * 7919 + step)
-            if pairs:  # half the batch conditional, the other half their unconditional partners
-                chosen = torch.randint(len(pairs), (max(1, config.batch // 2),), generator=g).tolist()
-                idx = [pairs[j][0] for j in chosen] + [pairs[j][1] for j in chosen]
-            else:
-                idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
-            kw = _batch(calls, idx)
-            if config.cond_mix > 0:
-                kw = _mix_conditioning(kw, calls, config.cond_mix, g)
             t_store.clear()
             s_store.clear()
-            with torch.no_grad():
-                t_out = teacher(**kw, return_dict=False)[0]
-            s_out = student(**kw, return_dict=False)[0]
-            weight = _time_weights(kw["timestep"], config.time_weight)
-            loss = _nmse(s_out, t_out, weight)
-            if pairs:
-                half = len(idx) // 2
-                guided = lambda o: o[half:] + guidance * (o[:half] - o[half:])  # noqa: E731
-                loss = loss + config.guided_weight * _nmse(guided(s_out), guided(t_out))
-            if s_store:
-                loss = loss + sum(_nmse(s, t, weight) for s, t in zip(s_store, t_store)) / len(s_store)
-            for group in opt.param_groups:  # cosine decay to 10 %
-                group["lr"] = config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, config.steps))))
+            if step >= config.steps:  # the rollout phase: whole trajectories, its own cosine schedule
+                assert rollout is not None
+                loss = rollout(student, step)
+                s_store.clear()  # block outputs of the sampled trajectory: not part of this loss
+                lr = _cosine(config.rollout_lr, step - config.steps, config.rollout_steps)
+            else:
+                g = torch.Generator().manual_seed(config.seed * 7919 + step)
+                if pairs:  # half the batch conditional, the other half their unconditional partners
+                    chosen = torch.randint(len(pairs), (max(1, config.batch // 2),), generator=g).tolist()
+                    idx = [pairs[j][0] for j in chosen] + [pairs[j][1] for j in chosen]
+                else:
+                    idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
+                kw = _batch(calls, idx)
+                if config.cond_mix > 0:
+                    kw = _mix_conditioning(kw, calls, config.cond_mix, g)
+                with torch.no_grad():
+                    t_out = teacher(**kw, return_dict=False)[0]
+                s_out = student(**kw, return_dict=False)[0]
+                weight = _time_weights(kw["timestep"], config.time_weight)
+                loss = _nmse(s_out, t_out, weight)
+                if pairs:
+                    half = len(idx) // 2
+                    guided = lambda o: o[half:] + guidance * (o[:half] - o[half:])  # noqa: E731
+                    loss = loss + config.guided_weight * _nmse(guided(s_out), guided(t_out))
+                if s_store:
+                    loss = loss + sum(_nmse(s, t, weight) for s, t in zip(s_store, t_store)) / len(s_store)
+                lr = _cosine(config.lr, step, config.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -550,13 +600,30 @@ def calibrate(
             finally:
                 pipe.transformer = teacher_module
 
-        student, losses = train(teacher, calls, config, work, progress, on_step, resample)
+        def rollout(student: nn.Module, step: int) -> torch.Tensor:
+            if pipe.transformer.dtype != torch.float32:
+                raise BitfluxError("rollout steps sample with the fp32 student: load the teacher pipeline in fp32")
+            g = torch.Generator().manual_seed(config.seed * 7919 + step)
+            part = [prompts[i] for i in torch.randint(len(prompts), (config.rollout_batch,), generator=g).tolist()]
+            seeds = [config.seed * 1_000_003 + 10**9 + step * config.rollout_batch + j for j in range(len(part))]
+            with torch.no_grad():
+                target = sample_latents(pipe, part, seeds, config)
+            teacher_module = pipe.transformer
+            pipe.transformer = student
+            try:
+                got = sample_latents(pipe, part, seeds, config, grad=True)
+            finally:
+                pipe.transformer = teacher_module
+            return sum(_nmse(a, b) for a, b in zip(got, target)) / len(target)
+
+        student, losses = train(teacher, calls, config, work, progress, on_step, resample, rollout)
     model = finalize(pipe.transformer, student, config, source)
     stats = {
         "prompts": len(prompts),
         "recorded_calls": len(calls),
         "on_policy_step": config.on_policy_step(),
         "on_policy_steps": config.on_policy_steps(),
+        "rollout_steps": config.rollout_steps,
         "record_seconds": round(t_rec, 1),
         "seconds": round(time.perf_counter() - t0, 1),
         "final_loss": losses[-1] if losses else None,

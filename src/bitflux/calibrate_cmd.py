@@ -77,6 +77,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         on_policy_fresh=args.on_policy_fresh,
         cond_mix=args.cond_mix,
         time_weight=args.time_weight,
+        rollout_steps=args.rollout_steps,
+        rollout_batch=args.rollout_batch,
+        rollout_lr=args.rollout_lr,
         ema=args.ema,
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
@@ -159,6 +162,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="weight each recorded state's loss by t**P (t = 1 pure noise): P > 0 favours the early steps "
         f"where layout and counts are decided (joint mode; default {d.time_weight})",
     )
+    p.add_argument(
+        "--rollout-steps",
+        type=int,
+        default=d.rollout_steps,
+        help="extra steps after --steps on whole trajectories: the student samples from fresh noise and "
+        "matches the teacher's latents after every denoising step, backpropagated through the sampler "
+        f"(joint mode; default {d.rollout_steps})",
+    )
+    p.add_argument("--rollout-batch", type=int, default=d.rollout_batch, help=f"prompts per rollout step (default {d.rollout_batch})")
+    p.add_argument("--rollout-lr", type=float, default=d.rollout_lr, help=f"peak learning rate of the rollout steps (default {d.rollout_lr})")
     p.add_argument(
         "--ema",
         type=float,
