@@ -30,6 +30,9 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
         flip_policy = ("on-policy states at 50%", replace(base, on_policy_at=0.5))
     extra: list[tuple[str, CalibConfig | str]] = [
         ("on-policy, 3 rounds from 25%", replace(base, on_policy_at=0.25, on_policy_rounds=3)),
+        ("time-weighted loss (t^2)", replace(base, time_weight=2.0)),
+        ("text-token mixing 25%", replace(base, cond_mix=0.25)),
+        (f"+ {max(1, base.steps // 20)} rollout steps", replace(base, rollout_steps=max(1, base.steps // 20))),
     ]
     if base.guidance_scale() > 1 and not base.guided_weight:
         extra.append(("guided loss (w = 1)", replace(base, guided_weight=1.0)))
@@ -41,7 +44,7 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
         ("train scales only", replace(base, train="scales")),
         ("train latent+scales+bias", replace(base, train="all")),
         ("loss output only", replace(base, loss="output")),
-        ("block-wise", replace(base, mode="blockwise", on_policy_at=0.0, guided_weight=0.0)),
+        ("block-wise", replace(base, mode="blockwise", on_policy_at=0.0, guided_weight=0.0, time_weight=0.0, cond_mix=0.0, rollout_steps=0, ema=0.0)),
         flip_policy,
         (f"prompts {max(8, base.prompts // 8)}", replace(base, prompts=max(8, base.prompts // 8))),
         (f"steps {max(10, base.steps // 4)}", replace(base, steps=max(10, base.steps // 4))),
