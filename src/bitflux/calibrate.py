@@ -103,7 +103,8 @@ class CalibConfig:
     time_weight: float = 0.0  # joint: each state's loss weighted by t**p (t in [0, 1], 1 = pure noise), mean 1 per
     # batch; p > 0 favours the high-noise steps where layout and counts are decided; 0: uniform
     rollout_steps: int = 0  # joint: optimiser steps after `steps` on whole trajectories: the student samples from
-    # fresh noise and matches the teacher's latents after every denoising step, backpropagated through the sampler
+    # fresh noise and matches the teacher's latents after every denoising step, backpropagated through the sampler;
+    # the codes stay fixed in these steps, only scales and biases move
     rollout_batch: int = 8  # calibration prompts per rollout step
     rollout_lr: float = 1e-4  # peak learning rate of the rollout phase (cosine decay to 10 %)
     ema: float = 0.0  # decay of an exponential moving average of the trained tensors, used for the result; 0: off
@@ -522,6 +523,10 @@ def train(
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if step >= config.steps:  # rollout steps move scales and biases only: their noisy gradients
+                for m in student.modules():  # flipped codes near the rounding boundary (31 dB when they could)
+                    if isinstance(m, _FakeTernaryLinear):
+                        m.latent.grad = None
             opt.step()
             if ema is not None:
                 with torch.no_grad():

@@ -167,8 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=d.rollout_steps,
         help="extra steps after --steps on whole trajectories: the student samples from fresh noise and "
-        "matches the teacher's latents after every denoising step, backpropagated through the sampler "
-        f"(joint mode; default {d.rollout_steps})",
+        "matches the teacher's latents after every denoising step, backpropagated through the sampler; "
+        f"codes stay fixed, scales and biases move (joint mode; default {d.rollout_steps})",
     )
     p.add_argument("--rollout-batch", type=int, default=d.rollout_batch, help=f"prompts per rollout step (default {d.rollout_batch})")
     p.add_argument("--rollout-lr", type=float, default=d.rollout_lr, help=f"peak learning rate of the rollout steps (default {d.rollout_lr})")
