@@ -46,7 +46,6 @@ Scale notes (FLUX.1-dev on one 80 GB GPU; see bench/calib_memory.py for measured
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -57,7 +56,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .calibrate import CalibConfig, _batch, _nmse, build_student
+from .calibrate import CalibConfig, _batch, _cosine, _nmse, build_student
 from .errors import CheckpointError
 
 InputSource = Literal["teacher", "student"]
@@ -358,7 +357,7 @@ def _train_block(
             kw, t_out = _cast((kw, t_out), dtype, dev)
             loss = block_loss(blk(**kw, **fixed), t_out)
             for group in opt.param_groups:  # cosine decay to 10 %, as calibrate.train
-                group["lr"] = config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+                group["lr"] = _cosine(config.lr, step, steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
