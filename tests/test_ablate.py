@@ -29,11 +29,13 @@ def test_rows_cover_the_issue_dimensions_and_change_one_thing():
     assert changed["on-policy states at 50%"] == {"on_policy_at"}
     assert changed["on-policy, 3 rounds from 25%"] == {"on_policy_at", "on_policy_rounds"}
     assert changed["guided loss (w = 1)"] == {"guided_weight"}
+    assert changed["CFG difference loss (w = 1)"] == {"diff_weight"}
     assert changed["time-weighted loss (t^2)"] == {"time_weight"}
     assert changed["text-token mixing 25%"] == {"cond_mix"}
     assert changed["+ 2 rollout steps"] == {"rollout_steps"}
     no_cfg = dict(default_rows(CalibConfig(prompts=64, steps=40)))
     assert "guided loss (w = 1)" not in no_cfg  # needs classifier-free guidance
+    assert "CFG difference loss (w = 1)" not in no_cfg
 
 
 def test_reduced_sweep_writes_json_and_markdown(tmp_path):

@@ -215,6 +215,40 @@ def test_guided_loss_pairs_cfg_branches_and_resumes_exactly(pipe, tmp_path):
         CalibConfig(**{**SMALL, "pipe_kwargs": kw, "guided_weight": 1.0, "mode": "blockwise"})
 
 
+def test_difference_loss_is_per_pair_and_resumes_exactly(pipe, tmp_path):
+    """The CFG difference term weighs each pair by its own energy, changes the result, resumes exactly."""
+    from bitflux.calibrate import _pair_nmse, record_states
+
+    big, small = torch.ones(1, 4, 3), torch.full((1, 4, 3), 1e-3)
+    target = torch.cat([big, small])
+    # the same relative error on a tiny and a large target counts the same (a batch-level nmse would not)
+    assert torch.allclose(_pair_nmse(target * 1.1, target), torch.tensor(0.01))
+    assert torch.allclose(_pair_nmse(torch.cat([big, small * 2]), target), torch.tensor(0.5))
+    assert torch.allclose(_pair_nmse(torch.cat([big, small * 2]), target, torch.tensor([0.0, 2.0])), torch.tensor(1.0))
+
+    kw = {**SMALL["pipe_kwargs"], "true_cfg_scale": 2.0, "negative_prompt": ""}
+    cfg = CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": 1.0, "time_weight": 1.0})
+    calls = record_states(pipe, PROMPTS[:3], cfg, progress=False)
+    whole, losses = calibrate(pipe, PROMPTS, cfg, progress=False, calls=calls)
+    plain, plain_losses = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "pipe_kwargs": kw, "time_weight": 1.0}), progress=False, calls=calls)
+    a, c = whole.state_dict(), plain.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+    work = tmp_path / "work"
+    _kill_after(pipe, cfg, work, 3, calls=calls)
+    resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, calls=calls)
+    b = resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(BitfluxError, match="classifier-free guidance"):
+        CalibConfig(**{**SMALL, "diff_weight": 1.0})
+    with pytest.raises(BitfluxError, match="joint mode"):
+        CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": 1.0, "mode": "blockwise"})
+    with pytest.raises(BitfluxError, match="cond_mix"):
+        CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": 1.0, "cond_mix": 0.5})
+    with pytest.raises(BitfluxError, match="diff_weight"):
+        CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": -1.0})
+
+
 def test_train_full_updates_the_kept_layers_and_nothing_else_changes_format(pipe):
     """`full` also trains embedders/norm_out/proj_out; `all` leaves them the teacher's."""
     full, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "train": "full", "lr": 1e-2}), progress=False)

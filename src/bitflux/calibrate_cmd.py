@@ -74,6 +74,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         on_policy_at=args.on_policy_at,
         on_policy_rounds=args.on_policy_rounds,
         guided_weight=args.guided_weight,
+        diff_weight=args.diff_weight,
         on_policy_fresh=args.on_policy_fresh,
         cond_mix=args.cond_mix,
         time_weight=args.time_weight,
@@ -142,6 +143,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.guided_weight,
         help="weight of a loss on the guided velocity u + g (c - u) of each (cond, uncond) pair, where "
         f"CFG amplifies the branches' errors (joint mode, needs CFG; default {d.guided_weight})",
+    )
+    p.add_argument(
+        "--diff-weight",
+        type=float,
+        default=d.diff_weight,
+        help="weight of a loss on the CFG difference c - u of each (cond, uncond) pair, normalised per "
+        "pair: the prompt's small share of the velocity, which the branch losses barely see and an "
+        f"uncorrected student attenuates (joint mode, needs CFG; default {d.diff_weight})",
     )
     p.add_argument(
         "--on-policy-fresh",
