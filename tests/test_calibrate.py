@@ -215,16 +215,9 @@ def test_guided_loss_pairs_cfg_branches_and_resumes_exactly(pipe, tmp_path):
         CalibConfig(**{**SMALL, "pipe_kwargs": kw, "guided_weight": 1.0, "mode": "blockwise"})
 
 
-def test_difference_loss_is_per_pair_and_resumes_exactly(pipe, tmp_path):
-    """The CFG difference term weighs each pair by its own energy, changes the result, resumes exactly."""
-    from bitflux.calibrate import _pair_nmse, record_states
-
-    big, small = torch.ones(1, 4, 3), torch.full((1, 4, 3), 1e-3)
-    target = torch.cat([big, small])
-    # the same relative error on a tiny and a large target counts the same (a batch-level nmse would not)
-    assert torch.allclose(_pair_nmse(target * 1.1, target), torch.tensor(0.01))
-    assert torch.allclose(_pair_nmse(torch.cat([big, small * 2]), target), torch.tensor(0.5))
-    assert torch.allclose(_pair_nmse(torch.cat([big, small * 2]), target, torch.tensor([0.0, 2.0])), torch.tensor(1.0))
+def test_difference_loss_changes_the_result_and_resumes_exactly(pipe, tmp_path):
+    """The CFG difference term changes the result and resumes exactly; it needs CFG pairs."""
+    from bitflux.calibrate import record_states
 
     kw = {**SMALL["pipe_kwargs"], "true_cfg_scale": 2.0, "negative_prompt": ""}
     cfg = CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": 1.0, "time_weight": 1.0})

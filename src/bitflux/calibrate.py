@@ -98,8 +98,8 @@ class CalibConfig:
     guided_weight: float = 0.0  # joint: weight of a loss on the CFG-combined velocity u + g (c - u) of
     # recorded (cond, uncond) pairs, g = pipe_kwargs' true_cfg_scale; 0: branches matched separately only
     diff_weight: float = 0.0  # joint: weight of a loss on the CFG difference c - u of recorded (cond, uncond) pairs,
-    # normalised per pair: the prompt's share of the velocity is 1-10 % of its energy, so the branch losses barely
-    # see it, and a student trained without this term kept ~0.78 of it (gain of c - u, held-out states)
+    # over its own energy: the prompt's share of the velocity is 1-10 % of its energy, so the branch losses barely
+    # see it, and a student trained without this term keeps ~0.78 of it (bench/cfg_gain.py); tried, not adopted
     on_policy_fresh: bool = False  # on-policy rounds sample with new noise (round k: seed + k + 1), not the teacher's
     cond_mix: float = 0.0  # joint: share of each batch whose text tokens are recombined with another recorded
     # call's (each token and the pooled vector from either, teacher targets on the same inputs): conditioning
@@ -259,13 +259,6 @@ def _nmse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) 
     if weight is not None:
         err = err * weight.reshape(-1, *[1] * (err.dim() - 1))
     return err.mean() / b.float().square().mean().clamp_min(1e-8)
-
-
-def _pair_nmse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over samples of each one's squared error over its own target energy (small targets count fully)."""
-    dims = tuple(range(1, a.dim()))
-    err = (a.float() - b.float()).square().mean(dims) / b.float().square().mean(dims).clamp_min(1e-8)
-    return err.mean() if weight is None else (err * weight).mean()
 
 
 def _time_weights(timestep: torch.Tensor, power: float) -> torch.Tensor | None:
@@ -428,7 +421,7 @@ def train(
                         loss = loss + config.guided_weight * _nmse(guided(s_out), guided(t_out))
                     if config.diff_weight > 0:
                         d_w = None if weight is None else weight[:half] / weight[:half].mean()
-                        diff = _pair_nmse(s_out[:half] - s_out[half:], t_out[:half] - t_out[half:], d_w)
+                        diff = _nmse(s_out[:half] - s_out[half:], t_out[:half] - t_out[half:], d_w)
                         loss = loss + config.diff_weight * diff
                 if s_store:
                     loss = loss + sum(_nmse(s, t, weight) for s, t in zip(s_store, t_store)) / len(s_store)

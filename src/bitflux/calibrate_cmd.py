@@ -148,9 +148,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--diff-weight",
         type=float,
         default=d.diff_weight,
-        help="weight of a loss on the CFG difference c - u of each (cond, uncond) pair, normalised per "
-        "pair: the prompt's small share of the velocity, which the branch losses barely see and an "
-        f"uncorrected student attenuates (joint mode, needs CFG; default {d.diff_weight})",
+        help="weight of a loss on the CFG difference c - u of the (cond, uncond) pairs, over the "
+        "difference's own energy: the prompt's small share of the velocity, which the branch losses "
+        f"barely see and a student attenuates (joint mode, needs CFG; default {d.diff_weight})",
     )
     p.add_argument(
         "--on-policy-fresh",
