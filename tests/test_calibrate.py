@@ -242,6 +242,45 @@ def test_difference_loss_changes_the_result_and_resumes_exactly(pipe, tmp_path):
         CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": -1.0})
 
 
+def test_gain_penalty_sees_only_the_shrinkage_of_the_cfg_difference():
+    """0 for d_s = d_t plus error orthogonal to it; (1 - a)^2 for d_s = a d_t; pairs weighted by |d_t|^2."""
+    from bitflux.calibrate import _gain_penalty
+
+    g = torch.Generator().manual_seed(0)
+    d_t = torch.randn(5, 9, 16, generator=g)
+    noise = torch.randn(5, 9, 16, generator=g)
+    flat_t, flat_n = d_t.flatten(1), noise.flatten(1)
+    ortho = flat_n - (flat_n * flat_t).sum(1, keepdim=True) / flat_t.square().sum(1, keepdim=True) * flat_t
+    assert _gain_penalty(d_t + ortho.reshape_as(d_t), d_t).item() < 1e-10
+    for a in (0.0, 0.78, 1.3):
+        assert _gain_penalty(a * d_t, d_t).item() == pytest.approx((1 - a) ** 2, rel=1e-5)
+    big = d_t.clone()
+    big[0] *= 10  # one pair with 100x the energy, whose gain alone is off
+    scaled = big.clone()
+    scaled[0] *= 0.5
+    e = big.flatten(1).square().sum(1)
+    assert _gain_penalty(scaled, big).item() == pytest.approx((e[0] * 0.25 / e.sum()).item(), rel=1e-5)
+    assert _gain_penalty(big.requires_grad_(), big.detach()).requires_grad
+
+
+def test_gain_penalty_changes_the_result_and_needs_cfg(pipe):
+    from bitflux.calibrate import record_states
+
+    kw = {**SMALL["pipe_kwargs"], "true_cfg_scale": 2.0, "negative_prompt": ""}
+    cfg = CalibConfig(**{**SMALL, "pipe_kwargs": kw, "gain_weight": 1.0})
+    calls = record_states(pipe, PROMPTS[:3], cfg, progress=False)
+    gained, _ = calibrate(pipe, PROMPTS, cfg, progress=False, calls=calls)
+    plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": 1e-30}), progress=False, calls=calls)
+    a, c = gained.state_dict(), plain.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # same pair batches, only the penalty differs
+    with pytest.raises(BitfluxError, match="classifier-free guidance"):
+        CalibConfig(**{**SMALL, "gain_weight": 1.0})
+    with pytest.raises(BitfluxError, match="joint mode"):
+        CalibConfig(**{**SMALL, "pipe_kwargs": kw, "gain_weight": 1.0, "mode": "blockwise"})
+    with pytest.raises(BitfluxError, match="gain_weight"):
+        CalibConfig(**{**SMALL, "pipe_kwargs": kw, "gain_weight": -1.0})
+
+
 def test_train_full_updates_the_kept_layers_and_nothing_else_changes_format(pipe):
     """`full` also trains embedders/norm_out/proj_out; `all` leaves them the teacher's."""
     full, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "train": "full", "lr": 1e-2}), progress=False)

@@ -100,6 +100,9 @@ class CalibConfig:
     diff_weight: float = 0.0  # joint: weight of a loss on the CFG difference c - u of recorded (cond, uncond) pairs,
     # over its own energy: the prompt's share of the velocity is 1-10 % of its energy, so the branch losses barely
     # see it, and a student trained without this term keeps ~0.78 of it (bench/cfg_gain.py); tried, not adopted
+    gain_weight: float = 0.0  # joint: weight of a penalty on the CFG gain g_i = <d_s, d_t> / |d_t|^2 of each (cond, uncond)
+    # pair (d = c - u), sum_i |d_t,i|^2 (1 - g_i)^2 / sum_i |d_t,i|^2: MSE losses shrink the part of d a ternary student
+    # cannot represent (g ~ 0.78 without this term), which weakens guidance; this asks for an unbiased d instead
     on_policy_fresh: bool = False  # on-policy rounds sample with new noise (round k: seed + k + 1), not the teacher's
     cond_mix: float = 0.0  # joint: share of each batch whose text tokens are recombined with another recorded
     # call's (each token and the pooled vector from either, teacher targets on the same inputs): conditioning
@@ -126,7 +129,7 @@ class CalibConfig:
 
     def uses_pairs(self) -> bool:
         """Whether batches are built of (cond, uncond) pairs (the guided and the difference loss need them)."""
-        return self.guided_weight > 0 or self.diff_weight > 0
+        return self.guided_weight > 0 or self.diff_weight > 0 or self.gain_weight > 0
 
     def on_policy_step(self) -> int | None:
         """The first on-policy refresh step (None: never)."""
@@ -153,6 +156,10 @@ class CalibConfig:
             raise BitfluxError(f"diff_weight must be >= 0, got {self.diff_weight}")
         if self.diff_weight > 0 and (self.mode is Mode.BLOCKWISE or self.guidance_scale() <= 1.0):
             raise BitfluxError("the CFG difference loss needs joint mode and classifier-free guidance (true_cfg_scale > 1)")
+        if self.gain_weight < 0:
+            raise BitfluxError(f"gain_weight must be >= 0, got {self.gain_weight}")
+        if self.gain_weight > 0 and (self.mode is Mode.BLOCKWISE or self.guidance_scale() <= 1.0):
+            raise BitfluxError("the CFG gain penalty needs joint mode and classifier-free guidance (true_cfg_scale > 1)")
         if not 0.0 <= self.cond_mix <= 1.0:
             raise BitfluxError(f"cond_mix must be in [0, 1], got {self.cond_mix}")
         if self.cond_mix > 0 and (self.mode is Mode.BLOCKWISE or self.uses_pairs()):
@@ -259,6 +266,15 @@ def _nmse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) 
     if weight is not None:
         err = err * weight.reshape(-1, *[1] * (err.dim() - 1))
     return err.mean() / b.float().square().mean().clamp_min(1e-8)
+
+
+def _gain_penalty(d_s: torch.Tensor, d_t: torch.Tensor) -> torch.Tensor:
+    """sum_i |d_t,i|^2 (1 - g_i)^2 / sum_i |d_t,i|^2 with g_i = <d_s,i, d_t,i> / |d_t,i|^2: 0 when the student keeps
+    the teacher's CFG difference at full strength on every pair, whatever its error orthogonal to it."""
+    d_s, d_t = d_s.float().flatten(1), d_t.float().flatten(1)
+    energy = d_t.square().sum(1).clamp_min(1e-12)
+    gain = (d_s * d_t).sum(1) / energy
+    return (energy * (1 - gain).square()).sum() / energy.sum()
 
 
 def _time_weights(timestep: torch.Tensor, power: float) -> torch.Tensor | None:
@@ -423,6 +439,8 @@ def train(
                         d_w = None if weight is None else weight[:half] / weight[:half].mean()
                         diff = _nmse(s_out[:half] - s_out[half:], t_out[:half] - t_out[half:], d_w)
                         loss = loss + config.diff_weight * diff
+                    if config.gain_weight > 0:
+                        loss = loss + config.gain_weight * _gain_penalty(s_out[:half] - s_out[half:], t_out[:half] - t_out[half:])
                 if s_store:
                     loss = loss + sum(_nmse(s, t, weight) for s, t in zip(s_store, t_store)) / len(s_store)
                 lr = _cosine(config.lr, step, config.steps)

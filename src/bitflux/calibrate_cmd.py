@@ -75,6 +75,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         on_policy_rounds=args.on_policy_rounds,
         guided_weight=args.guided_weight,
         diff_weight=args.diff_weight,
+        gain_weight=args.gain_weight,
         on_policy_fresh=args.on_policy_fresh,
         cond_mix=args.cond_mix,
         time_weight=args.time_weight,
@@ -151,6 +152,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="weight of a loss on the CFG difference c - u of the (cond, uncond) pairs, over the "
         "difference's own energy: the prompt's small share of the velocity, which the branch losses "
         f"barely see and a student attenuates (joint mode, needs CFG; default {d.diff_weight})",
+    )
+    p.add_argument(
+        "--gain-weight",
+        type=float,
+        default=d.gain_weight,
+        help="weight of a penalty on each (cond, uncond) pair's CFG gain <d_s, d_t> / |d_t|^2 (d = c - u) "
+        "away from 1: MSE losses let a ternary student shrink the prompt's effect (gain ~0.78), which "
+        f"weakens guidance (joint mode, needs CFG; default {d.gain_weight})",
     )
     p.add_argument(
         "--on-policy-fresh",
