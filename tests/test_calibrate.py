@@ -281,6 +281,35 @@ def test_gain_penalty_changes_the_result_and_needs_cfg(pipe):
         CalibConfig(**{**SMALL, "pipe_kwargs": kw, "gain_weight": -1.0})
 
 
+def test_diff_scale_extrapolates_only_the_conditional_half():
+    from bitflux.calibrate import _extrapolate
+
+    c, u = torch.randn(3, 9, 8), torch.randn(3, 9, 8)
+    out = _extrapolate(torch.cat([c, u]), 1.25)
+    assert torch.allclose(out[:3], u + 1.25 * (c - u)) and torch.equal(out[3:], u)
+    assert torch.allclose(_extrapolate(torch.cat([c, u]), 1.0)[:3], c, atol=1e-6)
+
+
+def test_diff_scale_changes_the_result_resumes_exactly_and_needs_cfg(pipe, tmp_path):
+    from bitflux.calibrate import record_states
+
+    kw = {**SMALL["pipe_kwargs"], "true_cfg_scale": 2.0, "negative_prompt": ""}
+    cfg = CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_scale": 1.3})
+    calls = record_states(pipe, PROMPTS[:3], cfg, progress=False)
+    scaled, _ = calibrate(pipe, PROMPTS, cfg, progress=False, calls=calls)
+    plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": 1e-30}), progress=False, calls=calls)
+    a, c = scaled.state_dict(), plain.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # same pair batches, only the targets differ
+    work = tmp_path / "work"
+    _kill_after(pipe, cfg, work, 3, calls=calls)
+    resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, calls=calls)
+    assert all(torch.equal(a[k], v) for k, v in resumed.state_dict().items())
+    with pytest.raises(BitfluxError, match="classifier-free guidance"):
+        CalibConfig(**{**SMALL, "diff_scale": 1.3})
+    with pytest.raises(BitfluxError, match="diff_scale"):
+        CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_scale": 0.0})
+
+
 def test_train_full_updates_the_kept_layers_and_nothing_else_changes_format(pipe):
     """`full` also trains embedders/norm_out/proj_out; `all` leaves them the teacher's."""
     full, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "train": "full", "lr": 1e-2}), progress=False)

@@ -103,6 +103,9 @@ class CalibConfig:
     gain_weight: float = 0.0  # joint: weight of a penalty on the CFG gain g_i = <d_s, d_t> / |d_t|^2 of each (cond, uncond)
     # pair (d = c - u), sum_i |d_t,i|^2 (1 - g_i)^2 / sum_i |d_t,i|^2: MSE losses shrink the part of d a ternary student
     # cannot represent (g ~ 0.78 without this term), which weakens guidance; this asks for an unbiased d instead
+    diff_scale: float = 1.0  # joint: the conditional branch's targets (output and image-token block states) are
+    # u + K (c - u) of its (cond, uncond) pair: MSE training shrinks the CFG difference (a student keeps ~0.78 of it),
+    # so a target with K ~ 1 / 0.78 makes the shrunk estimate land at the teacher's guidance strength; 1: off
     on_policy_fresh: bool = False  # on-policy rounds sample with new noise (round k: seed + k + 1), not the teacher's
     cond_mix: float = 0.0  # joint: share of each batch whose text tokens are recombined with another recorded
     # call's (each token and the pooled vector from either, teacher targets on the same inputs): conditioning
@@ -129,7 +132,7 @@ class CalibConfig:
 
     def uses_pairs(self) -> bool:
         """Whether batches are built of (cond, uncond) pairs (the guided and the difference loss need them)."""
-        return self.guided_weight > 0 or self.diff_weight > 0 or self.gain_weight > 0
+        return self.guided_weight > 0 or self.diff_weight > 0 or self.gain_weight > 0 or self.diff_scale != 1.0
 
     def on_policy_step(self) -> int | None:
         """The first on-policy refresh step (None: never)."""
@@ -160,6 +163,10 @@ class CalibConfig:
             raise BitfluxError(f"gain_weight must be >= 0, got {self.gain_weight}")
         if self.gain_weight > 0 and (self.mode is Mode.BLOCKWISE or self.guidance_scale() <= 1.0):
             raise BitfluxError("the CFG gain penalty needs joint mode and classifier-free guidance (true_cfg_scale > 1)")
+        if self.diff_scale <= 0:
+            raise BitfluxError(f"diff_scale must be > 0, got {self.diff_scale}")
+        if self.diff_scale != 1.0 and (self.mode is Mode.BLOCKWISE or self.guidance_scale() <= 1.0):
+            raise BitfluxError("diff_scale needs joint mode and classifier-free guidance (true_cfg_scale > 1)")
         if not 0.0 <= self.cond_mix <= 1.0:
             raise BitfluxError(f"cond_mix must be in [0, 1], got {self.cond_mix}")
         if self.cond_mix > 0 and (self.mode is Mode.BLOCKWISE or self.uses_pairs()):
@@ -275,6 +282,12 @@ def _gain_penalty(d_s: torch.Tensor, d_t: torch.Tensor) -> torch.Tensor:
     energy = d_t.square().sum(1).clamp_min(1e-12)
     gain = (d_s * d_t).sum(1) / energy
     return (energy * (1 - gain).square()).sum() / energy.sum()
+
+
+def _extrapolate(x: torch.Tensor, k: float) -> torch.Tensor:
+    """A batch of [cond; uncond] halves with the cond half moved to u + k (c - u)."""
+    half = x.shape[0] // 2
+    return torch.cat([x[half:] + k * (x[:half] - x[half:]), x[half:]])
 
 
 def _time_weights(timestep: torch.Tensor, power: float) -> torch.Tensor | None:
@@ -427,6 +440,9 @@ def train(
                     kw = _mix_conditioning(kw, calls, config.cond_mix, g)
                 with torch.no_grad():
                     t_out = teacher(**kw, return_dict=False)[0]
+                    if pairs and config.diff_scale != 1.0:  # cond targets u + K (c - u); text-token states kept
+                        t_out = _extrapolate(t_out, config.diff_scale)
+                        t_store[1::2] = [_extrapolate(t, config.diff_scale) for t in t_store[1::2]]
                 s_out = student(**kw, return_dict=False)[0]
                 weight = _time_weights(kw["timestep"], config.time_weight)
                 loss = _nmse(s_out, t_out, weight)

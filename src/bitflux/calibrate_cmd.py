@@ -76,6 +76,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         guided_weight=args.guided_weight,
         diff_weight=args.diff_weight,
         gain_weight=args.gain_weight,
+        diff_scale=args.diff_scale,
         on_policy_fresh=args.on_policy_fresh,
         cond_mix=args.cond_mix,
         time_weight=args.time_weight,
@@ -160,6 +161,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="weight of a penalty on each (cond, uncond) pair's CFG gain <d_s, d_t> / |d_t|^2 (d = c - u) "
         "away from 1: MSE losses let a ternary student shrink the prompt's effect (gain ~0.78), which "
         f"weakens guidance (joint mode, needs CFG; default {d.gain_weight})",
+    )
+    p.add_argument(
+        "--diff-scale",
+        type=float,
+        default=d.diff_scale,
+        help="train each conditional call against u + K (c - u) of its (cond, uncond) pair (output and image "
+        "block states): MSE training shrinks the prompt's effect (a student keeps ~0.78 of it), so K ~ 1.28 "
+        f"restores the teacher's guidance strength (joint mode, needs CFG; default {d.diff_scale})",
     )
     p.add_argument(
         "--on-policy-fresh",
