@@ -38,6 +38,10 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
         extra.append(("guided loss (w = 1)", replace(base, guided_weight=1.0)))
     if base.guidance_scale() > 1 and not base.diff_weight:
         extra.append(("CFG difference loss (w = 1)", replace(base, diff_weight=1.0)))
+    if base.guidance_scale() > 1 and not base.gain_weight:
+        extra.append(("CFG gain penalty (w = 0.3)", replace(base, gain_weight=0.3)))
+    if base.guidance_scale() > 1 and base.diff_scale == 1.0:
+        extra.append(("CFG targets u + 1.28 (c - u)", replace(base, diff_scale=1.28)))
     return [
         ("naive absmean", "absmean"),
         ("naive twn", "twn"),
@@ -46,7 +50,7 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
         ("train scales only", replace(base, train="scales")),
         ("train latent+scales+bias", replace(base, train="all")),
         ("loss output only", replace(base, loss="output")),
-        ("block-wise", replace(base, mode="blockwise", on_policy_at=0.0, guided_weight=0.0, diff_weight=0.0, time_weight=0.0, cond_mix=0.0, rollout_steps=0, ema=0.0)),
+        ("block-wise", replace(base, mode="blockwise", on_policy_at=0.0, guided_weight=0.0, diff_weight=0.0, gain_weight=0.0, diff_scale=1.0, time_weight=0.0, cond_mix=0.0, rollout_steps=0, ema=0.0)),
         flip_policy,
         (f"prompts {max(8, base.prompts // 8)}", replace(base, prompts=max(8, base.prompts // 8))),
         (f"steps {max(10, base.steps // 4)}", replace(base, steps=max(10, base.steps // 4))),
