@@ -263,16 +263,24 @@ def test_gain_penalty_sees_only_the_shrinkage_of_the_cfg_difference():
     assert _gain_penalty(big.requires_grad_(), big.detach()).requires_grad
 
 
-def test_gain_penalty_changes_the_result_and_needs_cfg(pipe):
+def _pair_option_run(pipe, **option):
+    """(state dict, config, calls) of a CFG-pair calibration with `option`, checked to differ from the same
+    pair batches without it (a negligible difference weight only turns pair batching on)."""
     from bitflux.calibrate import record_states
 
     kw = {**SMALL["pipe_kwargs"], "true_cfg_scale": 2.0, "negative_prompt": ""}
-    cfg = CalibConfig(**{**SMALL, "pipe_kwargs": kw, "gain_weight": 1.0})
+    cfg = CalibConfig(**{**SMALL, "pipe_kwargs": kw, **option})
     calls = record_states(pipe, PROMPTS[:3], cfg, progress=False)
-    gained, _ = calibrate(pipe, PROMPTS, cfg, progress=False, calls=calls)
+    with_option, _ = calibrate(pipe, PROMPTS, cfg, progress=False, calls=calls)
     plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": 1e-30}), progress=False, calls=calls)
-    a, c = gained.state_dict(), plain.state_dict()
-    assert any(not torch.equal(a[k], c[k]) for k in a)  # same pair batches, only the penalty differs
+    a, c = with_option.state_dict(), plain.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    return a, cfg, calls
+
+
+def test_gain_penalty_changes_the_result_and_needs_cfg(pipe):
+    _, cfg, _ = _pair_option_run(pipe, gain_weight=1.0)
+    kw = cfg.pipe_kwargs
     with pytest.raises(BitfluxError, match="classifier-free guidance"):
         CalibConfig(**{**SMALL, "gain_weight": 1.0})
     with pytest.raises(BitfluxError, match="joint mode"):
@@ -291,15 +299,8 @@ def test_diff_scale_extrapolates_only_the_conditional_half():
 
 
 def test_diff_scale_changes_the_result_resumes_exactly_and_needs_cfg(pipe, tmp_path):
-    from bitflux.calibrate import record_states
-
-    kw = {**SMALL["pipe_kwargs"], "true_cfg_scale": 2.0, "negative_prompt": ""}
-    cfg = CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_scale": 1.3})
-    calls = record_states(pipe, PROMPTS[:3], cfg, progress=False)
-    scaled, _ = calibrate(pipe, PROMPTS, cfg, progress=False, calls=calls)
-    plain, _ = calibrate(pipe, PROMPTS, CalibConfig(**{**SMALL, "pipe_kwargs": kw, "diff_weight": 1e-30}), progress=False, calls=calls)
-    a, c = scaled.state_dict(), plain.state_dict()
-    assert any(not torch.equal(a[k], c[k]) for k in a)  # same pair batches, only the targets differ
+    a, cfg, calls = _pair_option_run(pipe, diff_scale=1.3)
+    kw = cfg.pipe_kwargs
     work = tmp_path / "work"
     _kill_after(pipe, cfg, work, 3, calls=calls)
     resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, calls=calls)

@@ -37,6 +37,7 @@ from .errors import BitfluxError, CheckpointError
 from .linear import TernaryLinear
 from .policies import get_policy
 from .quantize import _set_submodule, quantize
+from .calibrate_losses import _extrapolate, _gain_penalty, _nmse, _time_weights  # noqa: F401 (re-exported)
 from .calibrate_record import _batch, _mix_conditioning, cfg_pairs, record_states, sample_latents  # noqa: F401 (re-exported)
 from .ternary import ternarize
 
@@ -131,7 +132,7 @@ class CalibConfig:
         return float(self.pipe_kwargs.get("true_cfg_scale", 1.0))
 
     def uses_pairs(self) -> bool:
-        """Whether batches are built of (cond, uncond) pairs (the guided and the difference loss need them)."""
+        """Whether batches are built of (cond, uncond) pairs (every CFG-pair loss term or target needs them)."""
         return self.guided_weight > 0 or self.diff_weight > 0 or self.gain_weight > 0 or self.diff_scale != 1.0
 
     def on_policy_step(self) -> int | None:
@@ -157,16 +158,15 @@ class CalibConfig:
             raise BitfluxError("the guided loss needs classifier-free guidance: pipe_kwargs true_cfg_scale > 1")
         if self.diff_weight < 0:
             raise BitfluxError(f"diff_weight must be >= 0, got {self.diff_weight}")
-        if self.diff_weight > 0 and (self.mode is Mode.BLOCKWISE or self.guidance_scale() <= 1.0):
-            raise BitfluxError("the CFG difference loss needs joint mode and classifier-free guidance (true_cfg_scale > 1)")
         if self.gain_weight < 0:
             raise BitfluxError(f"gain_weight must be >= 0, got {self.gain_weight}")
-        if self.gain_weight > 0 and (self.mode is Mode.BLOCKWISE or self.guidance_scale() <= 1.0):
-            raise BitfluxError("the CFG gain penalty needs joint mode and classifier-free guidance (true_cfg_scale > 1)")
         if self.diff_scale <= 0:
             raise BitfluxError(f"diff_scale must be > 0, got {self.diff_scale}")
-        if self.diff_scale != 1.0 and (self.mode is Mode.BLOCKWISE or self.guidance_scale() <= 1.0):
-            raise BitfluxError("diff_scale needs joint mode and classifier-free guidance (true_cfg_scale > 1)")
+        pair_options = (("the CFG difference loss", self.diff_weight > 0), ("the CFG gain penalty", self.gain_weight > 0),
+                        ("diff_scale", self.diff_scale != 1.0))
+        for what, on in pair_options:
+            if on and (self.mode is Mode.BLOCKWISE or self.guidance_scale() <= 1.0):
+                raise BitfluxError(f"{what} needs joint mode and classifier-free guidance (true_cfg_scale > 1)")
         if not 0.0 <= self.cond_mix <= 1.0:
             raise BitfluxError(f"cond_mix must be in [0, 1], got {self.cond_mix}")
         if self.cond_mix > 0 and (self.mode is Mode.BLOCKWISE or self.uses_pairs()):
@@ -265,37 +265,6 @@ def _block_outputs(model: nn.Module, store: list[torch.Tensor]) -> list:
 
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
     return [b.register_forward_hook(hook) for b in blocks]
-
-
-def _nmse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error over the target's energy; `weight` (B,) weights each sample's error."""
-    err = (a.float() - b.float()).square()
-    if weight is not None:
-        err = err * weight.reshape(-1, *[1] * (err.dim() - 1))
-    return err.mean() / b.float().square().mean().clamp_min(1e-8)
-
-
-def _gain_penalty(d_s: torch.Tensor, d_t: torch.Tensor) -> torch.Tensor:
-    """sum_i |d_t,i|^2 (1 - g_i)^2 / sum_i |d_t,i|^2 with g_i = <d_s,i, d_t,i> / |d_t,i|^2: 0 when the student keeps
-    the teacher's CFG difference at full strength on every pair, whatever its error orthogonal to it."""
-    d_s, d_t = d_s.float().flatten(1), d_t.float().flatten(1)
-    energy = d_t.square().sum(1).clamp_min(1e-12)
-    gain = (d_s * d_t).sum(1) / energy
-    return (energy * (1 - gain).square()).sum() / energy.sum()
-
-
-def _extrapolate(x: torch.Tensor, k: float) -> torch.Tensor:
-    """A batch of [cond; uncond] halves with the cond half moved to u + k (c - u)."""
-    half = x.shape[0] // 2
-    return torch.cat([x[half:] + k * (x[:half] - x[half:]), x[half:]])
-
-
-def _time_weights(timestep: torch.Tensor, power: float) -> torch.Tensor | None:
-    """Per-sample loss weights t**power, normalised to mean 1 (None when power is 0)."""
-    if power == 0:
-        return None
-    w = timestep.float().reshape(-1).clamp_min(1e-3) ** power
-    return w / w.mean()
 
 
 def _cosine(peak: float, step: int, steps: int) -> float:
@@ -448,15 +417,14 @@ def train(
                 loss = _nmse(s_out, t_out, weight)
                 if pairs:
                     half = len(idx) // 2
+                    d_s, d_t = s_out[:half] - s_out[half:], t_out[:half] - t_out[half:]  # the CFG differences c - u
                     if config.guided_weight > 0:
-                        guided = lambda o: o[half:] + guidance * (o[:half] - o[half:])  # noqa: E731
-                        loss = loss + config.guided_weight * _nmse(guided(s_out), guided(t_out))
+                        loss = loss + config.guided_weight * _nmse(s_out[half:] + guidance * d_s, t_out[half:] + guidance * d_t)
                     if config.diff_weight > 0:
                         d_w = None if weight is None else weight[:half] / weight[:half].mean()
-                        diff = _nmse(s_out[:half] - s_out[half:], t_out[:half] - t_out[half:], d_w)
-                        loss = loss + config.diff_weight * diff
+                        loss = loss + config.diff_weight * _nmse(d_s, d_t, d_w)
                     if config.gain_weight > 0:
-                        loss = loss + config.gain_weight * _gain_penalty(s_out[:half] - s_out[half:], t_out[:half] - t_out[half:])
+                        loss = loss + config.gain_weight * _gain_penalty(d_s, d_t)
                 if s_store:
                     loss = loss + sum(_nmse(s, t, weight) for s, t in zip(s_store, t_store)) / len(s_store)
                 lr = _cosine(config.lr, step, config.steps)

@@ -16,7 +16,7 @@ through each trained student block instead, so later blocks also learn to correc
 accumulated upstream (the targets stay the teacher's). Each step draws a batch from the pool with
 a generator seeded from (config.seed, i, step), so a run is a pure function of its inputs.
 
-The loss is the mean of the normalised MSEs (`calibrate._nmse`) of the block's two outputs;
+The loss is the mean of the normalised MSEs (`calibrate_losses._nmse`) of the block's two outputs;
 `config.loss` is ignored (block matching is the method). Each block gets
 max(1, config.steps // n_blocks) Adam steps with the cosine schedule of `calibrate.train`.
 
@@ -56,7 +56,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .calibrate import CalibConfig, _batch, _cosine, _nmse, build_student
+from .calibrate import CalibConfig, _batch, _cosine, build_student
+from .calibrate_losses import _nmse
 from .errors import CheckpointError
 
 InputSource = Literal["teacher", "student"]
