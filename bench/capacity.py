@@ -1,0 +1,125 @@
+"""How many weight levels the toy needs: the same calibration with 3 (ternary), 5, 7, ... levels per weight.
+
+What: runs `bitflux calibrate`'s joint training on the bundled `toy` with the block Linears'
+weights as s * clip(round(U), -L, L) (2L + 1 levels, log2(2L + 1) bits; L = 1 is the ternary
+student exactly as `bitflux calibrate` trains it), one shared teacher recording, and scores each
+trained student (before packing: L > 1 has no trunk format) on held-out prompts like `bitflux eval`:
+per-category ratios, overall ratio with its 95 % interval, PSNR and verdict agreement to the
+full-precision toy at the same seeds. Read it beside bench/fragility.py: it says how much fidelity
+more weight precision buys at this width, under the same training. Prints a table, writes JSON.
+
+    python bench/capacity.py --levels 1 2 3 7 --out bench/results/capacity-probe.json
+
+For L > 1 the step of each row is the mean-squared-error optimum over a grid (the latent U is w / step,
+so the rounding boundaries sit at +-0.5, +-1.5, ...); the training code is calibrate's, with only the
+student Linear swapped (see `_levels_linear`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitflux.calibrate as cal
+from bitflux.calibrate import CalibConfig, calibrate, record_states
+from bitflux.calibrate_cmd import eval_settings
+from bitflux.eval.fragility import compare
+from bitflux.eval.runner import EvalConfig, as_pipeline, generate, load_model, load_prompts, score_images
+from bitflux.toy.world import CATEGORIES
+from bitflux.toy.world import prompts as world_prompts
+
+
+def _levels_linear(levels: int) -> type:
+    """A drop-in for calibrate's `_FakeTernaryLinear` with weights s * clip(round(U), -levels, levels)."""
+
+    class FakeLevelsLinear(cal._FakeTernaryLinear):
+        def __init__(self, linear: nn.Linear, init) -> None:
+            super().__init__(linear, init)
+            w = linear.weight.detach().float()
+            std = w.std(1, keepdim=True).clamp_min(1e-12)
+            best_err, step = None, None
+            for c in torch.linspace(0.05, 3.0, 60) / levels:
+                d = c * std
+                err = (w - d * torch.round(w / d).clamp(-levels, levels)).square().sum(1, keepdim=True)
+                step = d if best_err is None else torch.where(err < best_err, d, step)
+                best_err = err if best_err is None else torch.minimum(err, best_err)
+            with torch.no_grad():
+                self.latent.copy_(w / step)
+                self.scale.copy_(step[:, 0])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            u = self.latent
+            q = u + (torch.round(u).clamp(-levels, levels) - u).detach()
+            w = q * self.scale[:, None]
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    return FakeLevelsLinear
+
+
+def train_student(pipe, prompts: list[str], config: CalibConfig, levels: int, calls) -> nn.Module:
+    """calibrate()'s joint training with `levels`; returns the trained float student (not packed)."""
+    fake, final = cal._FakeTernaryLinear, cal.finalize
+    if levels > 1:
+        cal._FakeTernaryLinear = _levels_linear(levels)
+    cal.finalize = lambda _teacher, student, _config, _source="": student.eval()
+    try:
+        student, _ = calibrate(pipe, prompts, config, progress=False, calls=calls)
+    finally:
+        cal._FakeTernaryLinear, cal.finalize = fake, final
+    return student
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--levels", nargs="+", type=int, default=[1, 2, 3, 7], help="L: 2L + 1 weight levels (1 = ternary)")
+    ap.add_argument("--num-prompts", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--n", type=int, default=96, help="held-out prompts scored")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/capacity-probe.json")
+    args = ap.parse_args()
+    if any(level < 1 for level in args.levels):
+        ap.error("--levels must be >= 1")
+    torch.set_num_threads(args.threads)
+    kwargs, traj_steps = eval_settings("toy")
+    config = CalibConfig(prompts=args.num_prompts, steps=args.steps, traj_steps=traj_steps, pipe_kwargs=kwargs,
+                         checkpoint_every=0, train="all", batch=32, on_policy_at=0.25, on_policy_rounds=3)
+    prompts = [p for p, _ in world_prompts("train", config.prompts, seed=config.seed)]
+    items = load_prompts("heldout", args.n)
+    pipe = load_model("toy")
+    pipe.set_progress_bar_config(disable=True)
+    ref = generate(pipe, items, args.seeds, EvalConfig())
+    ref_verdicts = score_images(ref, items)
+    calls = record_states(pipe, prompts, config, False, config.record_batch)
+    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for levels in args.levels:
+        t0 = time.perf_counter()
+        student = train_student(pipe, prompts, replace(config), levels, calls)
+        seconds = round(time.perf_counter() - t0, 1)
+        images = generate(as_pipeline(student), items, args.seeds, EvalConfig())
+        row = {**compare(f"L={levels}", images, ref, ref_verdicts, items), "levels": 2 * levels + 1,
+               "bits": round(math.log2(2 * levels + 1), 2), "train_seconds": seconds}
+        rows.append(row)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps({"config": config.to_dict(), "n": args.n, "seeds": args.seeds, "rows": rows}, indent=2))
+        tmp.replace(out)
+        cats = " ".join(f"{c.value[:8]} {row[c.value + '_ratio']:.3f}" for c in CATEGORIES if row.get(c.value + "_ratio") is not None)
+        lo, hi = row["ratio_ci95"]
+        print(f"{row['levels']} levels ({row['bits']} bits): PSNR {row['psnr_db']:.2f} dB  agree {row['verdict_agreement']:.3f}  "
+              f"ratio {row['ratio']:.3f} [{lo:.3f}, {hi:.3f}]  {cats}  ({seconds}s)", flush=True)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
