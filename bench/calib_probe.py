@@ -12,7 +12,6 @@ steadier signal. Prints a table and writes bench/results/calib-probe.json.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from bitflux.ablate import run_sweep
 from bitflux.calibrate import CalibConfig
 from bitflux.calibrate_cmd import eval_settings
+from common import write_json
 from overrides import parse_row
 
 
@@ -44,11 +44,7 @@ def main() -> None:
              "seconds": r["seconds"]} for r in scored]
     for x in rows:
         print(f"{x['row']:<24} overall {x['overall']:.3f}  ratio {x['ratio']:.3f}  PSNR {x['psnr_db']:.2f} dB  {x['seconds']}s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"bf16_overall": bf16["overall"], "base": base.to_dict(), "rows": rows}, indent=2))
-    tmp.replace(out)
+    out = write_json({"bf16_overall": bf16["overall"], "base": base.to_dict(), "rows": rows}, args.out)
     print(f"wrote {out}")
 
 

@@ -18,29 +18,26 @@ student Linear swapped (see `_levels_linear`).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import bitflux.calibrate as cal
+import bitflux.calibrate_student as cal_student
 from bitflux.calibrate import CalibConfig, calibrate, record_states
-from bitflux.calibrate_cmd import eval_settings
 from bitflux.eval.fragility import compare
 from bitflux.eval.runner import EvalConfig, as_pipeline, generate, load_model, load_prompts, score_images
 from bitflux.toy.world import CATEGORIES
 from bitflux.toy.world import prompts as world_prompts
+from common import bundled_probe_config, write_json
 
 
 def _levels_linear(levels: int) -> type:
     """A drop-in for calibrate's `_FakeTernaryLinear` with weights s * clip(round(U), -levels, levels)."""
 
-    class FakeLevelsLinear(cal._FakeTernaryLinear):
+    class FakeLevelsLinear(cal_student._FakeTernaryLinear):
         def __init__(self, linear: nn.Linear, init) -> None:
             super().__init__(linear, init)
             w = linear.weight.detach().float()
@@ -55,25 +52,20 @@ def _levels_linear(levels: int) -> type:
                 self.latent.copy_(w / step)
                 self.scale.copy_(step[:, 0])
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            u = self.latent
-            q = u + (torch.round(u).clamp(-levels, levels) - u).detach()
-            w = q * self.scale[:, None]
-            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
+    FakeLevelsLinear.levels = levels
     return FakeLevelsLinear
 
 
 def train_student(pipe, prompts: list[str], config: CalibConfig, levels: int, calls) -> nn.Module:
     """calibrate()'s joint training with `levels`; returns the trained float student (not packed)."""
-    fake, final = cal._FakeTernaryLinear, cal.finalize
+    fake, final = cal_student._FakeTernaryLinear, cal.finalize  # build_student and calibrate look them up there
     if levels > 1:
-        cal._FakeTernaryLinear = _levels_linear(levels)
+        cal_student._FakeTernaryLinear = _levels_linear(levels)
     cal.finalize = lambda _teacher, student, _config, _source="": student.eval()
     try:
         student, _ = calibrate(pipe, prompts, config, progress=False, calls=calls)
     finally:
-        cal._FakeTernaryLinear, cal.finalize = fake, final
+        cal_student._FakeTernaryLinear, cal.finalize = fake, final
     return student
 
 
@@ -90,9 +82,7 @@ def main() -> None:
     if any(level < 1 for level in args.levels):
         ap.error("--levels must be >= 1")
     torch.set_num_threads(args.threads)
-    kwargs, traj_steps = eval_settings("toy")
-    config = CalibConfig(prompts=args.num_prompts, steps=args.steps, traj_steps=traj_steps, pipe_kwargs=kwargs,
-                         checkpoint_every=0, train="all", batch=32, on_policy_at=0.25, on_policy_rounds=3)
+    config = bundled_probe_config(args.num_prompts, args.steps)
     prompts = [p for p, _ in world_prompts("train", config.prompts, seed=config.seed)]
     items = load_prompts("heldout", args.n)
     pipe = load_model("toy")
@@ -101,24 +91,20 @@ def main() -> None:
     ref_verdicts = score_images(ref, items)
     calls = record_states(pipe, prompts, config, False, config.record_batch)
     rows = []
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for levels in args.levels:
         t0 = time.perf_counter()
-        student = train_student(pipe, prompts, replace(config), levels, calls)
+        student = train_student(pipe, prompts, config, levels, calls)
         seconds = round(time.perf_counter() - t0, 1)
         images = generate(as_pipeline(student), items, args.seeds, EvalConfig())
         row = {**compare(f"L={levels}", images, ref, ref_verdicts, items), "levels": 2 * levels + 1,
                "bits": round(math.log2(2 * levels + 1), 2), "train_seconds": seconds}
         rows.append(row)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({"config": config.to_dict(), "n": args.n, "seeds": args.seeds, "rows": rows}, indent=2))
-        tmp.replace(out)
+        write_json({"config": config.to_dict(), "n": args.n, "seeds": args.seeds, "rows": rows}, args.out)
         cats = " ".join(f"{c.value[:8]} {row[c.value + '_ratio']:.3f}" for c in CATEGORIES if row.get(c.value + "_ratio") is not None)
         lo, hi = row["ratio_ci95"]
         print(f"{row['levels']} levels ({row['bits']} bits): PSNR {row['psnr_db']:.2f} dB  agree {row['verdict_agreement']:.3f}  "
               f"ratio {row['ratio']:.3f} [{lo:.3f}, {hi:.3f}]  {cats}  ({seconds}s)", flush=True)
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

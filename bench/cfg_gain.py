@@ -13,8 +13,6 @@ Prints a table per timestep and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
@@ -22,6 +20,7 @@ from bitflux.calibrate import CalibConfig
 from bitflux.calibrate_cmd import eval_settings
 from bitflux.calibrate_record import _batch, cfg_pairs, record_states
 from bitflux.eval.runner import load_model, load_prompts
+from common import write_json
 
 COLUMNS = ("gain", "nmse_d", "nmse_c", "nmse_u", "nmse_v", "d_share")
 
@@ -81,12 +80,8 @@ def main() -> None:
         print(f"{t:.3f}  " + "  ".join(f"{row[c]:8.4f}" for c in COLUMNS))
     mean = {c: sum(r[c] for r in rows.values()) / len(rows) for c in COLUMNS}
     print("mean   " + "  ".join(f"{mean[c]:8.4f}" for c in COLUMNS))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     doc = {"model": args.model, "prompts": args.prompts, "n": args.n, "mean": mean, "per_timestep": {str(t): r for t, r in rows.items()}}
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(out)
+    out = write_json(doc, args.out)
     print(f"wrote {out}")
 
 

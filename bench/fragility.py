@@ -18,13 +18,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from bitflux.eval.fragility import fragility_rows
 from bitflux.eval.runner import EvalConfig, load_prompts
 from bitflux.toy.world import CATEGORIES
+from common import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = fragility_rows("toy", args.students, args.sigmas, items, args.seeds, EvalConfig(), args.noise_seed)
     doc = {"prompts": args.prompts, "n": args.n, "seeds": args.seeds, "prompt_seed": args.prompt_seed,
            "noise_seed": args.noise_seed, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(out)
+    out = write_json(doc, args.out)
     if args.json:
         print(json.dumps(doc))
         return 0

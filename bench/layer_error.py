@@ -13,9 +13,7 @@ a lever that does not lower them much will not add many dB after it. Prints a ta
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -24,14 +22,14 @@ from bitflux.calibrate_cmd import eval_settings
 from bitflux.calibrate_record import _batch, record_states
 from bitflux.eval.runner import load_model, load_prompts
 from bitflux.policies import get_policy
-from bitflux.ternary import ternarize
+from bitflux.ternary import dequantize, ternarize
+from common import write_json
 
 VARIANTS = ("row", "group32", "hadamard", "orthogonal")
 
 
 def _ternary(w: torch.Tensor) -> torch.Tensor:
-    codes, scale = ternarize(w, "twn")
-    return codes.float() * scale.float()[:, None]
+    return dequantize(*ternarize(w, "twn"))
 
 
 def _hadamard(k: int) -> torch.Tensor | None:
@@ -99,11 +97,7 @@ def main() -> None:
     both = [r for r in rows.values() if r["hadamard"] is not None]
     mean = {v: sum(r[v] for r in both) / len(both) for v in VARIANTS}
     print(f"{'mean over the K = 2^k layers':<46}" + "".join(f"{mean[v]:11.4f}" for v in VARIANTS))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"n": args.n, "rows": args.rows, "mean_pow2": mean, "layers": rows}, indent=2))
-    tmp.replace(out)
+    out = write_json({"n": args.n, "rows": args.rows, "mean_pow2": mean, "layers": rows}, args.out)
     print(f"wrote {out}")
 
 

@@ -14,19 +14,18 @@ ternary student of each width gets to its own teacher under the same training.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from bitflux.calibrate import CalibConfig, calibrate
-from bitflux.calibrate_cmd import eval_settings
+from bitflux.calibrate import calibrate
 from bitflux.eval.fragility import compare, perturb
 from bitflux.eval.runner import EvalConfig, generate, load_model, load_prompts, score_images
 from bitflux.toy.build import ToyConfig
 from bitflux.toy.train import TrainConfig, train
 from bitflux.toy.world import prompts as world_prompts
+from common import bundled_probe_config, write_json
 
 
 def main() -> None:
@@ -42,7 +41,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/width-probe.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    kwargs, traj_steps = eval_settings("toy")
+    config = bundled_probe_config(128, args.calib_steps)
     items = load_prompts("heldout", args.n)
     rows = []
     for heads in args.heads:
@@ -58,8 +57,6 @@ def main() -> None:
         ref = generate(pipe, items, args.seeds, EvalConfig())
         ref_verdicts = score_images(ref, items)
         base = {"width": heads * 32, "train_seconds": round(train_s, 1), "teacher": {k: v for k, v in compare("teacher", ref, ref, ref_verdicts, items).items() if not k.endswith("ratio")}}
-        config = CalibConfig(prompts=128, steps=args.calib_steps, traj_steps=traj_steps, pipe_kwargs=kwargs, checkpoint_every=0,
-                             train="all", batch=32, on_policy_at=0.25, on_policy_rounds=3)
         t0 = time.perf_counter()
         student, _ = calibrate(pipe, [p for p, _ in world_prompts("train", 128)], config, progress=False)
         calib_s = time.perf_counter() - t0
@@ -72,11 +69,7 @@ def main() -> None:
         rows.append({**base, "calib_seconds": round(calib_s, 1), "ternary": s_row, "noise_0.2": n_row})
         print(f"width {heads * 32}: teacher overall {base['teacher']['overall']:.3f}; ternary {s_row['psnr_db']:.2f} dB ratio {s_row['ratio']:.3f} "
               f"(agree {s_row['verdict_agreement']:.3f}); noise 0.2 {n_row['psnr_db']:.2f} dB ratio {n_row['ratio']:.3f}", flush=True)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({"steps": args.steps, "vae_steps": args.vae_steps, "n": args.n, "seeds": args.seeds, "rows": rows}, indent=2))
-        tmp.replace(out)
+        write_json({"steps": args.steps, "vae_steps": args.vae_steps, "n": args.n, "seeds": args.seeds, "rows": rows}, args.out)
     print(f"wrote {args.out}")
 
 

@@ -12,6 +12,10 @@ ordinary `TernaryLinear`s: the saved result is pure ternary codes + scales in th
 Runs are resumable: every `checkpoint_every` steps the trainable tensors, the optimiser state and
 the step are written atomically to `<OUT>.partial/`; the batch at each step is a pure function of
 (seed, step), so a killed and re-run calibration ends with exactly the uninterrupted result.
+
+This file holds the config, the training loop and the entry point; the student and its
+re-ternarisation are in `calibrate_student.py`, checkpoints in `calibrate_checkpoint.py`, the
+teacher trajectories in `calibrate_record.py` and the loss terms in `calibrate_losses.py`.
 """
 
 from __future__ import annotations
@@ -27,33 +31,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import InitMethod, PackFormat, QuantConfig
-from .errors import BitfluxError, CheckpointError
-from .linear import TernaryLinear
-from .policies import get_policy
-from .quantize import _set_submodule, quantize
+from .calibrate_checkpoint import _load_ckpt, _load_params, _save_ckpt, _save_params, _snapshot_name
 from .calibrate_losses import _extrapolate, _gain_penalty, _nmse, _time_weights  # noqa: F401 (re-exported)
 from .calibrate_record import _batch, _mix_conditioning, cfg_pairs, record_states, sample_latents  # noqa: F401 (re-exported)
-from .ternary import ternarize
-
-
-class TrainWhat(str, Enum):
-    """Which student tensors calibration updates."""
-
-    SCALES = "scales"
-    """Only the per-row scales; the codes stay those of the initialisation."""
-    LATENT = "latent"
-    """Latent weights (through the straight-through estimator) and scales."""
-    ALL = "all"
-    """Latent weights, scales and the ternary layers' biases."""
-    FULL = "full"
-    """All of `all`, plus the layers the policy keeps in full precision (embedders, norm_out,
-    proj_out): stored anyway, so the size is unchanged."""
+from .calibrate_student import TrainWhat, _FakeTernaryLinear, _trainable, build_student, finalize  # noqa: F401 (re-exported)
+from .config import InitMethod, PackFormat
+from .errors import BitfluxError
+from .linear import TernaryLinear
 
 
 class Mode(str, Enum):
@@ -188,75 +176,6 @@ class CalibConfig:
         return json.loads(json.dumps(asdict(self), default=lambda e: e.value))
 
 
-# ------------------------------------------------------------------------------------------ student
-class _FakeTernaryLinear(nn.Module):
-    """Training-time ternary Linear: y = x @ (s * clip(round(U), -1, 1))^T + b, straight-through on U.
-
-    U is the weight divided by twice the row's ternarisation threshold, so round(U) reproduces
-    the initial codes exactly and |U| = 0.5 is the decision boundary for every row.
-    """
-
-    def __init__(self, linear: nn.Linear, init: InitMethod) -> None:
-        super().__init__()
-        w = linear.weight.detach().float()  # (N, K)
-        codes, scale = ternarize(w, init)
-        mag = w.abs()
-        kept_min = torch.where(codes != 0, mag, torch.full_like(mag, math.inf)).amin(1)
-        dropped_max = torch.where(codes == 0, mag, torch.zeros_like(mag)).amax(1)
-        thresh = torch.where(torch.isinf(kept_min), dropped_max * 2 + 1e-8, (kept_min + dropped_max) / 2)
-        self.latent = nn.Parameter(w / (2 * thresh.clamp_min(1e-12))[:, None])  # (N, K)
-        self.scale = nn.Parameter(scale.clone())  # (N,)
-        b = linear.bias
-        self.bias = nn.Parameter(b.detach().float().clone()) if b is not None else None
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def codes(self) -> torch.Tensor:
-        return torch.round(self.latent.detach()).clamp_(-1, 1).to(torch.int8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.latent
-        q = u + (torch.round(u).clamp(-1, 1) - u).detach()  # STE: forward ternary, backward identity
-        w = q * self.scale[:, None]
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-def build_student(teacher: nn.Module, config: CalibConfig) -> nn.Module:
-    """A float copy of `teacher` whose policy-selected Linears are `_FakeTernaryLinear`s."""
-    student = copy.deepcopy(teacher).float()
-    convert, _ = get_policy("flux").select(student)
-    for name in convert:
-        _set_submodule(student, name, _FakeTernaryLinear(student.get_submodule(name), config.init))
-    for p in student.parameters():
-        p.requires_grad_(config.train is TrainWhat.FULL)  # the kept layers train only in `full`
-    for m in student.modules():
-        if isinstance(m, _FakeTernaryLinear):
-            m.scale.requires_grad_(True)
-            m.latent.requires_grad_(config.train is not TrainWhat.SCALES)
-            if m.bias is not None:
-                m.bias.requires_grad_(config.train in (TrainWhat.ALL, TrainWhat.FULL))
-    return student
-
-
-def finalize(teacher: nn.Module, student: nn.Module, config: CalibConfig, source: str = "") -> nn.Module:
-    """Re-ternarise the student into a trunk-format quantised copy of `teacher` (codes + scales)."""
-    model = copy.deepcopy(teacher)
-    quantize(model, QuantConfig(format=config.format, init=config.init, source=source))
-    for name, m in student.named_modules():
-        if isinstance(m, _FakeTernaryLinear):
-            tl: TernaryLinear = model.get_submodule(name)
-            sign = torch.where(m.scale.detach() < 0, -1, 1).to(torch.int8)  # keep s * T when s < 0
-            tl.set_codes(m.codes() * sign[:, None], m.scale.detach().abs())
-            if tl.bias is not None:
-                tl.bias.data.copy_(m.bias.detach())
-    if config.train is TrainWhat.FULL:  # the trained full-precision layers, in the model's dtype
-        ternary = {n for n, m in student.named_modules() if isinstance(m, _FakeTernaryLinear)}
-        for name, p in student.named_parameters():
-            if name.rpartition(".")[0] not in ternary:
-                target = model.get_parameter(name)
-                target.data.copy_(p.detach().to(target.dtype))
-    return model
-
-
 # ---------------------------------------------------------------------------------------- training
 def _block_outputs(model: nn.Module, store: list[torch.Tensor]) -> list:
     def hook(_m, _a, out):
@@ -270,68 +189,6 @@ def _block_outputs(model: nn.Module, store: list[torch.Tensor]) -> list:
 def _cosine(peak: float, step: int, steps: int) -> float:
     """Learning rate at `step` of a cosine decay from `peak` to 10 % of it over `steps`."""
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, steps))))
-
-
-def _trainable(student: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in student.named_parameters() if p.requires_grad}
-
-
-def _save_ckpt(
-    work: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, config: CalibConfig,
-    ema: dict[str, torch.Tensor] | None = None,
-) -> None:
-    params = _trainable(student)
-    tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
-    tensors.update({f"ema/{n}": t.contiguous() for n, t in (ema or {}).items()})
-    names = {id(p): n for n, p in params.items()}
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            tensors[f"opt/{names[id(p)]}/{k}"] = v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
-    tmp = work / f".state.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, work / "state.safetensors")
-    meta = {"step": step, "config": config.to_dict()}
-    (work / ".state.json.tmp").write_text(json.dumps(meta))
-    os.replace(work / ".state.json.tmp", work / "state.json")
-
-
-def _save_params(student: nn.Module, path: Path) -> None:
-    """The student's trainable tensors, written atomically (the on-policy snapshot)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({n: p.detach().contiguous() for n, p in _trainable(student).items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _snapshot_name(k: int) -> str:
-    """File of the student snapshot taken at on-policy refresh k."""
-    return "on_policy.safetensors" if k == 0 else f"on_policy-{k}.safetensors"
-
-
-def _load_params(student: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Copy `prefix + name` tensors into the student's trainable parameters."""
-    with torch.no_grad():
-        for n, p in _trainable(student).items():
-            p.copy_(tensors[prefix + n])
-
-
-def _load_ckpt(
-    work: Path, student: nn.Module, opt: torch.optim.Optimizer, config: CalibConfig,
-    ema: dict[str, torch.Tensor] | None = None,
-) -> int:
-    meta = json.loads((work / "state.json").read_text())
-    if meta.get("config") != config.to_dict():
-        raise CheckpointError(f"{work}: resume checkpoint was made with a different calibration config")
-    tensors = load_file(str(work / "state.safetensors"))
-    _load_params(student, tensors, "param/")
-    for n in ema or {}:
-        ema[n].copy_(tensors[f"ema/{n}"])
-    for n, p in _trainable(student).items():
-        st = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
-        if st:
-            if "step" in st:
-                st["step"] = st["step"].reshape(())
-            opt.state[p] = st
-    return int(meta["step"])
 
 
 def train(

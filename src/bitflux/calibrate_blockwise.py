@@ -56,8 +56,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .calibrate import CalibConfig, _batch, _cosine, build_student
+from .calibrate import CalibConfig, _batch, _cosine
 from .calibrate_losses import _nmse
+from .calibrate_student import build_student
 from .errors import CheckpointError
 
 InputSource = Literal["teacher", "student"]
