@@ -13,6 +13,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from ..cli import print_result
+    from .build import ToyConfig
     from .train import TrainConfig, train
 
     if args.threads:
@@ -36,7 +37,19 @@ def _train(args: argparse.Namespace) -> int:
         absolute_positions=args.absolute_positions,
         canonical_positions=args.canonical_positions,
     )
-    out = train(args.output, cfg, resume=args.resume)
+    for name in ("heads", "head_dim", "double_blocks", "single_blocks"):
+        if getattr(args, name) < 1:
+            raise BitfluxError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.head_dim % 4:
+        raise BitfluxError("--head-dim must be a multiple of 4 (it is split over three rope axes)")
+    model_cfg = ToyConfig(
+        width_heads=args.heads,
+        head_dim=args.head_dim,
+        num_layers=args.double_blocks,
+        num_single_layers=args.single_blocks,
+        generic_words=args.partial_captions > 0,
+    )
+    out = train(args.output, cfg, resume=args.resume, model_cfg=model_cfg)
     info = (out / "bitflux_toy.json").read_text()
     import json
 
@@ -118,6 +131,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.0,
         help="share of relation scenes drawn at fixed far-apart cells (first object at the named side; default 0)",
     )
+    t.add_argument("--heads", type=int, default=4, help="attention heads; width = heads x head dim (default 4)")
+    t.add_argument("--head-dim", type=int, default=32, help="attention head dim, a multiple of 4 (default 32)")
+    t.add_argument("--double-blocks", type=int, default=2, help="double-stream blocks (default 2)")
+    t.add_argument("--single-blocks", type=int, default=4, help="single-stream blocks (default 4)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")
     t.set_defaults(func=_train)

@@ -323,6 +323,21 @@ def save_refined_decoder(vae: AutoencoderKL, cfg: TrainConfig, work: Path) -> di
     return info
 
 
+def _model_config(work: Path, model_cfg: ToyConfig, resume: bool) -> ToyConfig:
+    """Record the model sizes in work/model.json; a resumed run must ask for the same sizes."""
+    path = work / "model.json"
+    asked = asdict(model_cfg)
+    asked["vae_channels"] = list(asked["vae_channels"])
+    if resume and path.exists():
+        stored = json.loads(path.read_text())
+        if stored != asked:
+            diff = ", ".join(f"{k}={stored.get(k)!r}" for k in asked if stored.get(k) != asked[k])
+            raise ModelError(f"{work} was started with other model sizes ({diff}); pass the same options to resume")
+    else:
+        _write_json(asked, path)
+    return model_cfg
+
+
 def train(out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = False, model_cfg: ToyConfig | None = None) -> Path:
     """Train the toy pipeline and save it (save_pretrained) to `out`; checkpoints go to `out`.work/."""
     out = Path(out)
@@ -340,12 +355,13 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = Fals
     t0 = time.monotonic()
     budget = cfg.minutes * 60.0
 
-    pipe = build_pipeline(cfg.seed, model_cfg or ToyConfig(generic_words=cfg.partial_captions > 0))
+    model_cfg = _model_config(work, model_cfg or ToyConfig(generic_words=cfg.partial_captions > 0), resume)
+    pipe = build_pipeline(cfg.seed, model_cfg)
     z = None
     data = make_data(
         cfg.n_scenes, cfg.seed, pipe.tokenizer, pipe.tokenizer_2, cfg.partial_captions, cfg.absolute_positions, cfg.canonical_positions
     )
-    info: dict = {"config": asdict(cfg), "image_size": IMAGE_SIZE, "latent_channels": LATENT_CHANNELS, "max_sequence_length": TEXT_LENGTH}
+    info: dict = {"config": asdict(cfg), "model": asdict(model_cfg), "image_size": IMAGE_SIZE, "latent_channels": LATENT_CHANNELS, "max_sequence_length": TEXT_LENGTH}
     if (work / "vae" / "config.json").exists():
         pipe.vae = AutoencoderKL.from_pretrained(work / "vae")
         info.update(json.loads((work / "vae_info.json").read_text()))
