@@ -9,7 +9,8 @@ from pathlib import Path
 from .cli import print_result
 from .config import ActPrecision, Backend, InitMethod, PackFormat, QuantConfig
 from .errors import ModelError, OutputExistsError
-from .inspect import ARCHS, inspect_arch, inspect_path
+from .archs import ARCHS
+from .inspect import inspect_arch, inspect_path, markdown_table
 
 _DTYPES = {"keep": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -116,7 +117,11 @@ def _pipeline_defaults(pipeline: str) -> dict:
 def _inspect(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.arch is None):
         raise ModelError("give either PATH or --arch NAME")
-    qconfig = QuantConfig(format=args.format)
+    qconfig = QuantConfig(format=args.format, policy=args.policy)
+    if args.arch == "all":  # the README table: every known architecture
+        reports = [inspect_arch(a, qconfig) for a in ARCHS]
+        print_result({"architectures": reports}, args.json, markdown_table(reports))
+        return 0
     if args.arch is not None:
         report = inspect_arch(args.arch, qconfig)
     else:
@@ -126,7 +131,10 @@ def _inspect(args: argparse.Namespace) -> int:
         if not path.is_dir():
             raise ModelError(f"no such model directory: {args.path}")
         report = inspect_path(path, qconfig)
-    print_result(report, args.json, _size_text(report))
+    text = _size_text(report)
+    if "bytes_base3" in report:  # --arch reports both packing formats
+        text += "".join(f"\n  {f}: {_fmt_bytes(report[f'bytes_{f}'])} = {report[f'ratio_{f}']:.3f}x" for f in ("2bit", "base3"))
+    print_result(report, args.json, text)
     return 0
 
 
@@ -177,7 +185,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of a named architecture built on the meta device (no download).",
     )
     p.add_argument("path", nargs="?", help="model/pipeline directory or bundled name")
-    p.add_argument("--arch", choices=sorted(ARCHS), help="a known architecture instead of PATH")
+    p.add_argument("--arch", choices=[*ARCHS, "all"], help="a known full-size architecture instead of PATH ('all': a table)")
+    p.add_argument("--policy", default="auto", help="module policy (default auto: the one for the model's class, else generic)")
     p.add_argument("--format", default="2bit", choices=choices(PackFormat), help="format for unquantised models")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_inspect)

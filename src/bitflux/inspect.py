@@ -1,15 +1,21 @@
-"""Size accounting: parameter counts, ternary fraction and bytes of the tensors `save` writes."""
+"""Size accounting: parameter counts, ternary fraction and bytes of the tensors `save` writes.
+
+Models are built on the meta device (`archs.build_meta_model`), so even a 32B transformer is
+counted in a second with no weights and no download.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from .archs import ARCHS, FLUX_DEV_CONFIG, build_meta_model  # noqa: F401 (FLUX_DEV_CONFIG: bench imports it here)
 from .checkpoint import (
-    build_meta,
     is_bitflux_dir,
     quant_config_from,
     read_json,
@@ -19,27 +25,11 @@ from .checkpoint import (
     tensor_bytes,
     weight_files,
 )
-from .config import QuantConfig
+from .config import PackFormat, QuantConfig
+from .errors import ModelError
 from .linear import TernaryLinear
-
-# FLUX.1-dev's transformer config (diffusers' black-forest-labs/FLUX.1-dev/transformer/config.json).
-FLUX_DEV_CONFIG: dict[str, Any] = {
-    "_class_name": "FluxTransformer2DModel",
-    "attention_head_dim": 128,
-    "axes_dims_rope": [16, 56, 56],
-    "guidance_embeds": True,
-    "in_channels": 64,
-    "joint_attention_dim": 4096,
-    "num_attention_heads": 24,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "patch_size": 1,
-    "pooled_projection_dim": 768,
-}
-ARCHS: dict[str, dict[str, Any]] = {
-    "flux-dev": FLUX_DEV_CONFIG,
-    "flux-schnell": {**FLUX_DEV_CONFIG, "guidance_embeds": False},
-}
+from .policies import policy_for
+from .quantize import quantize
 
 
 def size_report(model: nn.Module) -> dict[str, Any]:
@@ -52,6 +42,8 @@ def size_report(model: nn.Module) -> dict[str, Any]:
     nbytes = tensor_bytes(state)
     cfg = model.bitflux_config
     return {
+        "class": type(model).__name__,
+        "policy": cfg.policy,
         "format": cfg.format.value,
         "params": params,
         "ternary_params": ternary,
@@ -65,10 +57,22 @@ def size_report(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _quantized_meta(config: dict[str, Any], qconfig: QuantConfig, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The model `config` describes, on the meta device, quantised per `qconfig` (policy "auto" allowed)."""
+    model = build_meta_model(config, dtype)
+    return quantize(model, qconfig, policy=policy_for(model, qconfig.policy))
+
+
 def inspect_arch(arch: str, qconfig: QuantConfig) -> dict[str, Any]:
-    """Size report of a named architecture, built on the meta device (no weights, no download)."""
-    report = size_report(build_meta(ARCHS[arch], qconfig))
-    return {"model": arch, **report}
+    """Size report of a named architecture (meta device), with the bytes of every packing format."""
+    if arch not in ARCHS:
+        raise ModelError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    report = {"model": arch, **size_report(_quantized_meta(ARCHS[arch], qconfig))}
+    for fmt in PackFormat:  # both formats side by side: the choice is a size/speed trade
+        r = report if fmt is qconfig.format else size_report(_quantized_meta(ARCHS[arch], replace(qconfig, format=fmt)))
+        report[f"bytes_{fmt.value}"] = r["bytes"]
+        report[f"ratio_{fmt.value}"] = r["ratio"]
+    return report
 
 
 def inspect_path(path: str | Path, qconfig: QuantConfig) -> dict[str, Any]:
@@ -81,9 +85,25 @@ def inspect_path(path: str | Path, qconfig: QuantConfig) -> dict[str, Any]:
     if quantised:
         qconfig = quant_config_from(config, path)
     dtype = stored_float_dtype(path)  # kept layers stay in the stored dtype, as `quantize` does
-    report = {"model": str(path), "quantized": quantised, **size_report(build_meta(config, qconfig, dtype))}
+    report = {"model": str(path), "quantized": quantised, **size_report(_quantized_meta(config, qconfig, dtype))}
     if quantised:  # what is really on disk: tensors by their headers, and whole files
         files = weight_files(path)
         report["stored_bytes"] = stored_tensor_bytes(files)
         report["disk_bytes"] = sum(f.stat().st_size for f in files)
     return report
+
+
+def markdown_table(reports: list[dict[str, Any]]) -> str:
+    """The README table: one row per architecture report from `inspect_arch`."""
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    rows = [
+        "| model | class | policy | params | ternary | bf16 | 2bit | ratio | base3 | ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in reports:
+        rows.append(
+            f"| {r['model']} | {r['class']} | {r['policy']} | {r['params'] / 1e9:.2f}B | {r['ternary_fraction']:.2%} "
+            f"| {gb(r['bf16_bytes'])} | {gb(r['bytes_2bit'])} | {r['ratio_2bit']:.2f}x "
+            f"| {gb(r['bytes_base3'])} | {r['ratio_base3']:.2f}x |"
+        )
+    return "\n".join(rows)

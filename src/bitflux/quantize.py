@@ -5,17 +5,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import ActPrecision, Backend, QuantConfig
 from .errors import ModelError
+from .backend import attach, replace_linears, set_submodule
 from .linear import TernaryLinear
-from .policies import get_policy
+from .policies import Policy, policy_for
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+_set_submodule = set_submodule  # used by calibration's student builder
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -23,28 +21,28 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, TernaryLinear) for m in model.modules())
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None, *, progress: bool = False) -> nn.Module:
+def quantize(
+    model: nn.Module, config: QuantConfig | None = None, *, policy: Policy | None = None, progress: bool = False
+) -> nn.Module:
     """Ternarise the Linears the config's policy selects; returns the same model.
 
     Works on meta-device models too (shapes only), which is how `load` and `inspect` build
-    models without allocating weights. The config actually applied, with the names of the
+    models without allocating weights. `policy` overrides `config.policy` (e.g. a generic policy
+    with extra globs). The config actually applied, with the policy's name and the names of the
     Linears left in the model dtype, is stored as `model.bitflux_config`.
     """
     config = config or QuantConfig()
-    policy = get_policy(config.policy)
+    policy = policy or policy_for(model, config.policy)
     if policy.model_class and type(model).__name__ != policy.model_class:
         raise ModelError(f"policy {policy.name!r} is for {policy.model_class}, got {type(model).__name__}")
     if is_quantized(model):
         raise ModelError("model is already quantised")
-    convert, keep = policy.select(model)
-    if not convert:
-        raise ModelError(f"policy {policy.name!r} matched no Linear layers in {type(model).__name__}")
-    for name in tqdm(convert, desc="ternarise", unit="layer", disable=not progress):
-        linear = model.get_submodule(name)
-        _set_submodule(
-            model, name, TernaryLinear.from_linear(linear, fmt=config.format, init=config.init, act=config.activations)
-        )
-    model.bitflux_config = replace(config, modules_not_converted=tuple(keep))
+    keep = replace_linears(model, config, policy, progress=progress)
+    config = replace(config, policy=policy.name, modules_not_converted=tuple(keep))
+    if hasattr(model, "save_pretrained") and not any(p.is_meta for p in model.parameters()):
+        attach(model, config)  # diffusers models: save_pretrained now writes a bitflux checkpoint
+    else:
+        model.bitflux_config = config
     return model
 
 

@@ -4,7 +4,7 @@ That is 99.44 % of FLUX.1-dev's parameters. The embedders (x/context/time/guidan
 `norm_out` and `proj_out` stay in the model dtype: they are small and touch every token.
 """
 
-from . import Policy
+from .policy import Policy
 
 FLUX = Policy(
     name="flux",
