@@ -10,12 +10,17 @@ from .errors import BitfluxError, CheckpointError, FormatError, ModelError, Outp
 from .linear import TernaryLinear
 from .quantize import quantize, set_activations, set_backend
 
+# Last: binds `bitflux.calibrate` to the function, shadowing the subpackage of the same name
+# (see bitflux/calibrate/__init__.py for why `from bitflux.calibrate import X` still works).
+from .calibrate import CalibConfig, calibrate  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ActPrecision",
     "Backend",
     "BitfluxError",
+    "CalibConfig",
     "CheckpointError",
     "FormatError",
     "InitMethod",
@@ -24,6 +29,7 @@ __all__ = [
     "PackFormat",
     "QuantConfig",
     "TernaryLinear",
+    "calibrate",
     "load",
     "quantize",
     "save",

@@ -17,7 +17,7 @@ from .errors import BitfluxError
 # Modules that contribute sub-commands, in `--help` order. A missing optional module is skipped.
 _COMMAND_MODULES = (
     "bitflux.commands",  # quantize, generate, inspect
-    "bitflux.calibrate_cmd",  # calibrate
+    "bitflux.calibrate.command",  # calibrate
     "bitflux.ablate",  # ablate
     "bitflux.eval.commands",  # eval
     "bitflux.bench.commands",  # bench

@@ -1,7 +1,7 @@
 """The calibration student: a float copy of the teacher whose ternarised Linears train through a
 straight-through estimator, and `finalize`, which re-ternarises it into the trunk's format.
 
-`_FakeTernaryLinear` holds a latent full-precision matrix U and per-row scales s and computes with
+`FakeTernaryLinear` holds a latent full-precision matrix U and per-row scales s and computes with
 s * clip(round(U), -1, 1); the saved result is pure ternary codes + scales (`TernaryLinear`).
 """
 
@@ -9,45 +9,27 @@ from __future__ import annotations
 
 import copy
 import math
-from enum import Enum
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import InitMethod, QuantConfig
-from .linear import TernaryLinear
-from .policies import get_policy
-from .quantize import _set_submodule, quantize
-from .ternary import ternarize
-
-if TYPE_CHECKING:
-    from .calibrate import CalibConfig
+from ..config import InitMethod, QuantConfig
+from ..linear import TernaryLinear
+from ..policies import get_policy
+from ..quantize import _set_submodule, quantize
+from ..ternary import ternarize
+from .config import CalibConfig, TrainWhat
 
 
-class TrainWhat(str, Enum):
-    """Which student tensors calibration updates."""
-
-    SCALES = "scales"
-    """Only the per-row scales; the codes stay those of the initialisation."""
-    LATENT = "latent"
-    """Latent weights (through the straight-through estimator) and scales."""
-    ALL = "all"
-    """Latent weights, scales and the ternary layers' biases."""
-    FULL = "full"
-    """All of `all`, plus the layers the policy keeps in full precision (embedders, norm_out,
-    proj_out): stored anyway, so the size is unchanged."""
-
-
-class _FakeTernaryLinear(nn.Module):
+class FakeTernaryLinear(nn.Module):
     """Training-time ternary Linear: y = x @ (s * clip(round(U), -1, 1))^T + b, straight-through on U.
 
     U is the weight divided by twice the row's ternarisation threshold, so round(U) reproduces
     the initial codes exactly and |U| = 0.5 is the decision boundary for every row.
     """
 
-    levels = 1  # codes in [-levels, levels]; 1 is ternary (bench/capacity.py subclasses wider alphabets)
+    levels = 1  # codes in [-levels, levels]; 1 is ternary (research/capacity.py subclasses wider alphabets)
 
     def __init__(self, linear: nn.Linear, init: InitMethod) -> None:
         super().__init__()
@@ -74,15 +56,15 @@ class _FakeTernaryLinear(nn.Module):
 
 
 def build_student(teacher: nn.Module, config: CalibConfig) -> nn.Module:
-    """A float copy of `teacher` whose policy-selected Linears are `_FakeTernaryLinear`s."""
+    """A float copy of `teacher` whose policy-selected Linears are `FakeTernaryLinear`s."""
     student = copy.deepcopy(teacher).float()
     convert, _ = get_policy("flux").select(student)
     for name in convert:
-        _set_submodule(student, name, _FakeTernaryLinear(student.get_submodule(name), config.init))
+        _set_submodule(student, name, FakeTernaryLinear(student.get_submodule(name), config.init))
     for p in student.parameters():
         p.requires_grad_(config.train is TrainWhat.FULL)  # the kept layers train only in `full`
     for m in student.modules():
-        if isinstance(m, _FakeTernaryLinear):
+        if isinstance(m, FakeTernaryLinear):
             m.scale.requires_grad_(True)
             m.latent.requires_grad_(config.train is not TrainWhat.SCALES)
             if m.bias is not None:
@@ -95,14 +77,14 @@ def finalize(teacher: nn.Module, student: nn.Module, config: CalibConfig, source
     model = copy.deepcopy(teacher)
     quantize(model, QuantConfig(format=config.format, init=config.init, source=source))
     for name, m in student.named_modules():
-        if isinstance(m, _FakeTernaryLinear):
+        if isinstance(m, FakeTernaryLinear):
             tl: TernaryLinear = model.get_submodule(name)
             sign = torch.where(m.scale.detach() < 0, -1, 1).to(torch.int8)  # keep s * T when s < 0
             tl.set_codes(m.codes() * sign[:, None], m.scale.detach().abs())
             if tl.bias is not None:
                 tl.bias.data.copy_(m.bias.detach())
     if config.train is TrainWhat.FULL:  # the trained full-precision layers, in the model's dtype
-        ternary = {n for n, m in student.named_modules() if isinstance(m, _FakeTernaryLinear)}
+        ternary = {n for n, m in student.named_modules() if isinstance(m, FakeTernaryLinear)}
         for name, p in student.named_parameters():
             if name.rpartition(".")[0] not in ternary:
                 target = model.get_parameter(name)
@@ -110,6 +92,6 @@ def finalize(teacher: nn.Module, student: nn.Module, config: CalibConfig, source
     return model
 
 
-def _trainable(student: nn.Module) -> dict[str, nn.Parameter]:
+def trainable(student: nn.Module) -> dict[str, nn.Parameter]:
     """The student tensors calibration updates, by name."""
     return {n: p for n, p in student.named_parameters() if p.requires_grad}

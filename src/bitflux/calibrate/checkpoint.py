@@ -9,24 +9,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .calibrate_student import _trainable
-from .errors import CheckpointError
-
-if TYPE_CHECKING:
-    from .calibrate import CalibConfig
+from ..errors import CheckpointError
+from .config import CalibConfig
+from .student import trainable
 
 
 def _save_ckpt(
     work: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, config: CalibConfig,
     ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    params = _trainable(student)
+    params = trainable(student)
     tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
     tensors.update({f"ema/{n}": t.contiguous() for n, t in (ema or {}).items()})
     names = {id(p): n for n, p in params.items()}
@@ -44,7 +40,7 @@ def _save_ckpt(
 def _save_params(student: nn.Module, path: Path) -> None:
     """The student's trainable tensors, written atomically (the on-policy snapshot)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({n: p.detach().contiguous() for n, p in _trainable(student).items()}, str(tmp))
+    save_file({n: p.detach().contiguous() for n, p in trainable(student).items()}, str(tmp))
     os.replace(tmp, path)
 
 
@@ -56,7 +52,7 @@ def _snapshot_name(k: int) -> str:
 def _load_params(student: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
     """Copy `prefix + name` tensors into the student's trainable parameters."""
     with torch.no_grad():
-        for n, p in _trainable(student).items():
+        for n, p in trainable(student).items():
             p.copy_(tensors[prefix + n])
 
 
@@ -71,7 +67,7 @@ def _load_ckpt(
     _load_params(student, tensors, "param/")
     for n in ema or {}:
         ema[n].copy_(tensors[f"ema/{n}"])
-    for n, p in _trainable(student).items():
+    for n, p in trainable(student).items():
         st = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
         if st:
             if "step" in st:

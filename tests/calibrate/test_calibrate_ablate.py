@@ -5,7 +5,7 @@ from dataclasses import fields
 
 from bitflux.ablate import default_rows, run_sweep
 from bitflux.calibrate import CalibConfig
-from bitflux.calibrate_cmd import eval_settings
+from bitflux.calibrate.command import eval_settings
 
 
 def _base(**kw) -> CalibConfig:
@@ -28,17 +28,8 @@ def test_rows_cover_the_issue_dimensions_and_change_one_thing():
     assert changed["prompts 8"] == {"prompts"} and changed["steps 10"] == {"steps"}
     assert changed["on-policy states at 50%"] == {"on_policy_at"}
     assert changed["on-policy, 3 rounds from 25%"] == {"on_policy_at", "on_policy_rounds"}
-    assert changed["guided loss (w = 1)"] == {"guided_weight"}
-    assert changed["CFG difference loss (w = 1)"] == {"diff_weight"}
-    assert changed["CFG gain penalty (w = 0.3)"] == {"gain_weight"}
-    assert changed["CFG targets u + 1.28 (c - u)"] == {"diff_scale"}
-    assert changed["time-weighted loss (t^2)"] == {"time_weight"}
-    assert changed["text-token mixing 25%"] == {"cond_mix"}
-    assert changed["+ 2 rollout steps"] == {"rollout_steps"}
-    no_cfg = dict(default_rows(CalibConfig(prompts=64, steps=40)))
-    assert "guided loss (w = 1)" not in no_cfg  # needs classifier-free guidance
-    assert "CFG difference loss (w = 1)" not in no_cfg
-    assert "CFG gain penalty (w = 0.3)" not in no_cfg and "CFG targets u + 1.28 (c - u)" not in no_cfg
+    assert changed["block-wise"] == {"mode"}
+    assert set(changed) == set(rows) - {"naive absmean", "naive twn", "calibrated (default)"}
 
 
 def test_reduced_sweep_writes_json_and_markdown(tmp_path):

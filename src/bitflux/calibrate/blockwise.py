@@ -1,6 +1,6 @@
 """Block-wise data-free calibration: train the ternary student one transformer block at a time.
 
-Why: joint calibration (`calibrate.train`) keeps every block's fp32 latent weights, gradients and
+Why: joint calibration (`joint.train`) keeps every block's fp32 latent weights, gradients and
 Adam moments alive at once, ~16 bytes per ternarised parameter: ~189 GB for FLUX.1-dev's 11.83 B
 block weights, more than one 80 GB GPU. Here block i (double blocks first, then single blocks) is
 trained alone to reproduce the frozen teacher's block i on the teacher's own inputs at the
@@ -16,9 +16,9 @@ through each trained student block instead, so later blocks also learn to correc
 accumulated upstream (the targets stay the teacher's). Each step draws a batch from the pool with
 a generator seeded from (config.seed, i, step), so a run is a pure function of its inputs.
 
-The loss is the mean of the normalised MSEs (`calibrate_losses._nmse`) of the block's two outputs;
+The loss is the mean of the normalised MSEs (`losses.block_loss`) of the block's two outputs;
 `config.loss` is ignored (block matching is the method). Each block gets
-max(1, config.steps // n_blocks) Adam steps with the cosine schedule of `calibrate.train`.
+max(1, config.steps // n_blocks) Adam steps with the cosine schedule of `joint.train`.
 
 The returned student is the `build_student` module (every block trained), so `finalize` turns
 it into trunk-format TernaryLinears unchanged.
@@ -56,10 +56,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .calibrate import CalibConfig, _batch, _cosine
-from .calibrate_losses import _nmse
-from .calibrate_student import build_student
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .config import CalibConfig
+from .losses import block_loss, cosine_lr
+from .states import batch_calls
+from .student import build_student
 
 InputSource = Literal["teacher", "student"]
 
@@ -156,13 +157,6 @@ def checkpoint_children(block: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def block_loss(
-    s_out: tuple[torch.Tensor, ...], t_out: tuple[torch.Tensor, ...]
-) -> torch.Tensor:
-    """Mean normalised MSE over the block's outputs (text and image streams)."""
-    return sum(_nmse(s, t) for s, t in zip(s_out, t_out)) / len(t_out)
-
-
 def block_losses(
     teacher: nn.Module,
     student: nn.Module,
@@ -172,7 +166,7 @@ def block_losses(
 ) -> list[float]:
     """Per-block reconstruction loss of `student` vs `teacher` on the calls `idx` (all by default)."""
     idx = list(range(len(calls))) if idx is None else idx
-    kw = _batch(calls, idx)
+    kw = batch_calls(calls, idx)
     out = []
     for i, blk in enumerate(blocks(student)):
         args, kwargs, t_out = capture_block(teacher, i, kw)
@@ -233,7 +227,7 @@ def _first_inputs(teacher: nn.Module, calls: list[dict[str, torch.Tensor]], pool
     """Block 0's inputs for every pooled call: (stream, temb (P, D), shared kwargs)."""
     parts: list[dict[str, Any]] = []
     for c0 in range(0, len(pool), chunk):
-        args, kwargs, _ = capture_block(teacher, 0, _batch(calls, pool[c0 : c0 + chunk]), need_output=False)
+        args, kwargs, _ = capture_block(teacher, 0, batch_calls(calls, pool[c0 : c0 + chunk]), need_output=False)
         if args:
             raise RuntimeError("expected the model to call its blocks with keyword arguments only")
         parts.append(kwargs)
@@ -358,8 +352,8 @@ def _train_block(
             t_out = (target["encoder_hidden_states"][idx], target["hidden_states"][idx])
             kw, t_out = _cast((kw, t_out), dtype, dev)
             loss = block_loss(blk(**kw, **fixed), t_out)
-            for group in opt.param_groups:  # cosine decay to 10 %, as calibrate.train
-                group["lr"] = _cosine(config.lr, step, steps)
+            for group in opt.param_groups:  # cosine decay to 10 %, as joint.train
+                group["lr"] = cosine_lr(config.lr, step, steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from bitflux import TernaryLinear
-from bitflux.calibrate import CalibConfig, build_student, finalize, record_states
+from bitflux.calibrate import CalibConfig
+from bitflux.calibrate.blockwise import block_losses, blocks, capture_block, train_blockwise
+from bitflux.calibrate.states import record_states
+from bitflux.calibrate.student import build_student, finalize
 from bitflux.toy.world import IMAGE_SIZE
-from bitflux.calibrate_blockwise import block_losses, blocks, capture_block, train_blockwise
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a red diamond"]
 SMALL = dict(prompts=3, traj_steps=2, steps=48, batch=2, lr=5e-3, pipe_kwargs=dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=16))

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .calibrate import CalibConfig, LossKind, Mode, TrainWhat, calibrate, finish_work_dir
-from .cli import print_result
-from .config import InitMethod, PackFormat
-from .errors import BitfluxError, ModelError, OutputExistsError
+from ..cli import print_result
+from ..config import InitMethod, PackFormat
+from ..errors import BitfluxError, ModelError, OutputExistsError
+from .api import calibrate, finish_work_dir
+from .config import CalibConfig, LossKind, Mode, TrainWhat
 
 
 def read_prompts(spec: str, n: int, seed: int) -> list[str]:
     """Prompts from a file (one per line) or `toy` (the toy world's training split)."""
     if spec == "toy":
-        from .toy.world import prompts
+        from ..toy.world import prompts
 
         return [p for p, _ in prompts("train", n, seed=seed)]
     path = Path(spec)
@@ -37,7 +38,7 @@ def eval_settings(src: str) -> tuple[dict, int | None]:
     """
     if not src.startswith("toy"):
         return {}, None
-    from .eval.runner import EvalConfig
+    from ..eval.runner import EvalConfig
 
     e = EvalConfig()
     kwargs = dict(height=e.size, width=e.size, max_sequence_length=e.max_sequence_length)
@@ -47,9 +48,9 @@ def eval_settings(src: str) -> tuple[dict, int | None]:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .checkpoint import save
-    from .inspect import size_report
-    from .pipeline import load_pipeline, resolve
+    from ..checkpoint import save
+    from ..inspect import size_report
+    from ..pipeline import load_pipeline, resolve
 
     out = Path(args.out)
     if out.exists():
@@ -73,17 +74,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         mode=args.mode,
         on_policy_at=args.on_policy_at,
         on_policy_rounds=args.on_policy_rounds,
-        guided_weight=args.guided_weight,
-        diff_weight=args.diff_weight,
-        gain_weight=args.gain_weight,
-        diff_scale=args.diff_scale,
-        on_policy_fresh=args.on_policy_fresh,
-        cond_mix=args.cond_mix,
-        time_weight=args.time_weight,
-        rollout_steps=args.rollout_steps,
-        rollout_batch=args.rollout_batch,
-        rollout_lr=args.rollout_lr,
-        ema=args.ema,
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
     )
@@ -138,72 +128,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.on_policy_rounds,
         help="on-policy refreshes, evenly spaced from --on-policy-at to the end; each adds the current "
         f"student's states (default {d.on_policy_rounds})",
-    )
-    p.add_argument(
-        "--guided-weight",
-        type=float,
-        default=d.guided_weight,
-        help="weight of a loss on the guided velocity u + g (c - u) of each (cond, uncond) pair, where "
-        f"CFG amplifies the branches' errors (joint mode, needs CFG; default {d.guided_weight})",
-    )
-    p.add_argument(
-        "--diff-weight",
-        type=float,
-        default=d.diff_weight,
-        help="weight of a loss on the CFG difference c - u of the (cond, uncond) pairs, over the "
-        "difference's own energy: the prompt's small share of the velocity, which the branch losses "
-        f"barely see and a student attenuates (joint mode, needs CFG; default {d.diff_weight})",
-    )
-    p.add_argument(
-        "--gain-weight",
-        type=float,
-        default=d.gain_weight,
-        help="weight of a penalty on each (cond, uncond) pair's CFG gain <d_s, d_t> / |d_t|^2 (d = c - u) "
-        "away from 1: MSE losses let a ternary student shrink the prompt's effect (gain ~0.78), which "
-        f"weakens guidance (joint mode, needs CFG; default {d.gain_weight})",
-    )
-    p.add_argument(
-        "--diff-scale",
-        type=float,
-        default=d.diff_scale,
-        help="train each conditional call against u + K (c - u) of its (cond, uncond) pair (output and image "
-        "block states): MSE training shrinks the prompt's effect (a student keeps ~0.78 of it), so K ~ 1.28 "
-        f"restores the teacher's guidance strength (joint mode, needs CFG; default {d.diff_scale})",
-    )
-    p.add_argument(
-        "--on-policy-fresh",
-        action="store_true",
-        help="on-policy rounds sample the student with new noise (round k: seed + k + 1) instead of the teacher's",
-    )
-    p.add_argument(
-        "--cond-mix",
-        type=float,
-        default=d.cond_mix,
-        help="share of each batch whose text tokens are recombined with another recorded prompt's; the teacher "
-        f"labels the mixed inputs, so the student matches it beyond the prompt set (joint mode; default {d.cond_mix})",
-    )
-    p.add_argument(
-        "--time-weight",
-        type=float,
-        default=d.time_weight,
-        help="weight each recorded state's loss by t**P (t = 1 pure noise): P > 0 favours the early steps "
-        f"where layout and counts are decided (joint mode; default {d.time_weight})",
-    )
-    p.add_argument(
-        "--rollout-steps",
-        type=int,
-        default=d.rollout_steps,
-        help="extra steps after --steps on whole trajectories: the student samples from fresh noise and "
-        "matches the teacher's latents after every denoising step, backpropagated through the sampler; "
-        f"codes stay fixed, scales and biases move (joint mode; default {d.rollout_steps})",
-    )
-    p.add_argument("--rollout-batch", type=int, default=d.rollout_batch, help=f"prompts per rollout step (default {d.rollout_batch})")
-    p.add_argument("--rollout-lr", type=float, default=d.rollout_lr, help=f"peak learning rate of the rollout steps (default {d.rollout_lr})")
-    p.add_argument(
-        "--ema",
-        type=float,
-        default=d.ema,
-        help=f"decay of a moving average of the trained tensors, used for the result (0 = off; default {d.ema})",
     )
     p.add_argument("--traj-steps", type=int, help="denoising steps per teacher trajectory (default: eval's for toy)")
     p.add_argument("--batch", type=int, default=d.batch, help="recorded states per step")

@@ -1,0 +1,110 @@
+"""Joint calibration: the whole student trained at once against the teacher on recorded states.
+
+Each step takes a batch of recorded transformer calls (a pure function of (seed, step)), runs the
+teacher and the student on it and matches the output (and, with `LossKind.BLOCKS`, every block's
+hidden states). On-policy refreshes add the states the student itself visits (DAgger rounds).
+Every `checkpoint_every` steps the trainable tensors, the optimiser state and the step are saved,
+so a killed and re-run calibration ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import BitfluxError
+from .checkpoint import _load_ckpt, _load_params, _save_ckpt, _save_params, _snapshot_name
+from .config import CalibConfig, LossKind
+from .losses import cosine_lr, nmse
+from .states import batch_calls
+from .student import build_student, trainable
+
+Calls = list[dict[str, torch.Tensor]]
+
+
+def _block_outputs(model: nn.Module, store: list[torch.Tensor]) -> list:
+    """Hooks appending every block's output tensors to `store` (feature-matching targets)."""
+
+    def hook(_m, _a, out):
+        for t in out if isinstance(out, tuple) else (out,):
+            store.append(t)
+
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    return [b.register_forward_hook(hook) for b in blocks]
+
+
+def train(
+    teacher: nn.Module,
+    calls: Calls,
+    config: CalibConfig,
+    work: Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+    resample: Callable[[nn.Module, int], Calls] | None = None,
+) -> tuple[nn.Module, list[float]]:
+    """Train a student to match the fp32 `teacher` on the recorded `calls`; returns (student, loss history).
+
+    `resample(student, k)` records the states a student visits at refresh k; it is called at each of
+    `config.on_policy_steps()`, and its states join the pool (exposure bias: the student learns the
+    teacher's answer where its own trajectories drift, not only on the teacher's).
+    """
+    student = build_student(teacher, config)
+    teacher = teacher.eval()
+    params = trainable(student)
+    opt = torch.optim.Adam(list(params.values()), lr=config.lr)
+    start = 0
+    if work is not None and (work / "state.json").exists():
+        start = _load_ckpt(work, student, opt, config)
+    refresh = config.on_policy_steps()
+    if refresh and resample is None:
+        raise BitfluxError("on-policy calibration needs a pipeline to sample the student's trajectories")
+    for k, at in enumerate(refresh):
+        if start > at:  # resumed past this refresh: rebuild the same pool from its snapshot
+            assert work is not None
+            snapshot = build_student(teacher, config)
+            _load_params(snapshot, load_file(str(work / _snapshot_name(k))))
+            calls = calls + resample(snapshot, k)
+    t_store: list[torch.Tensor] = []
+    s_store: list[torch.Tensor] = []
+    handles = []
+    if config.loss is LossKind.BLOCKS:
+        handles = _block_outputs(teacher, t_store) + _block_outputs(student, s_store)
+    losses: list[float] = []
+    bar = tqdm(range(start, config.steps), desc="calibrate", disable=not progress, initial=start, total=config.steps)
+    try:
+        for step in bar:
+            if step in refresh:
+                if work is not None:
+                    _save_params(student, work / _snapshot_name(refresh.index(step)))
+                calls = calls + resample(student, refresh.index(step))
+            t_store.clear()
+            s_store.clear()
+            g = torch.Generator().manual_seed(config.seed * 7919 + step)
+            idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
+            kw = batch_calls(calls, idx)
+            with torch.no_grad():
+                t_out = teacher(**kw, return_dict=False)[0]
+            s_out = student(**kw, return_dict=False)[0]
+            loss = nmse(s_out, t_out)
+            if s_store:
+                loss = loss + sum(nmse(s, t) for s, t in zip(s_store, t_store)) / len(s_store)
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(config.lr, step, config.steps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if work is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                _save_ckpt(work, student, opt, step + 1, config)
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
+    finally:
+        for h in handles:
+            h.remove()
+    return student, losses
