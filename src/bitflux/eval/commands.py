@@ -15,7 +15,9 @@ GenEval-style scorer (all-or-nothing per image). Prints per-category accuracy an
 seeds: mean PSNR of the images and the share of per-prompt verdicts that agree.
 
 MODEL is `toy` (bundled), `toy-1.58bit` (bundled, if installed), a FluxPipeline directory, or
-a bitflux quantised transformer directory (paired with the bundled toy pipeline)."""
+a bitflux quantised transformer directory (paired with the bundled toy pipeline). A model trained
+on another toy world (`bitflux toy train --world`) is scored in that world, and compared with its
+own full-precision pipeline instead of `toy`."""
 
 
 def _fmt(res: dict, label: str) -> str:
@@ -23,10 +25,10 @@ def _fmt(res: dict, label: str) -> str:
     lines += [f"  {c.value:<14} {res[c.value]:.3f}" for c in CATEGORIES if c.value in res]
     fid = res.get("fidelity")
     if fid:
-        lines.append(f"  fidelity vs toy: PSNR {fid['psnr_db']:.2f} dB, verdict agreement {fid['verdict_agreement']:.3f}")
+        lines.append(f"  fidelity vs {res.get('reference', 'toy')}: PSNR {fid['psnr_db']:.2f} dB, verdict agreement {fid['verdict_agreement']:.3f}")
     if "ratio" in res:
         lo, hi = res["ratio_ci95"]
-        lines.append(f"  overall vs toy: {res['ratio']:.3f}x (95% bootstrap over prompts: {lo:.3f}-{hi:.3f})")
+        lines.append(f"  overall vs {res.get('reference', 'toy')}: {res['ratio']:.3f}x (95% bootstrap over prompts: {lo:.3f}-{hi:.3f})")
     lines.append(f"  generation took {res['generate_seconds']:.1f}s")
     if res.get("grid"):
         lines.append(f"  grid: {res['grid']}")
@@ -40,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..pipeline import resolve
     from ..toy import bundled_path
     from .grid import make_grid, pick_rows, save_image
-    from .runner import evaluate, load_model, load_prompts, public
+    from .runner import evaluate, load_model, load_prompts, public, world_for
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,7 +52,8 @@ def _run(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"output path exists: {args.grid} (bitflux never overwrites)")
     if args.grid and not Path(args.grid).resolve().parent.is_dir():
         raise ModelError(f"output directory does not exist: {Path(args.grid).parent}")
-    items = load_prompts(args.prompts, args.n, args.prompt_seed)
+    world = world_for(args.model)  # the model's toy world: its grammar, split and palette
+    items = load_prompts(args.prompts, args.n, args.prompt_seed, world)
     cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg_scale)
     pipe = load_model(args.model, naive=args.naive)
     if args.activations or args.backend:
@@ -65,13 +68,16 @@ def _run(args: argparse.Namespace) -> int:
         toy_dir: Path | None = Path(bundled_path("toy")).resolve()
     except ModelError:
         toy_dir = None  # not installed: fidelity is unavailable unless --no-fidelity
+    reference = "toy"  # models of another world are compared with their own full-precision pipeline
+    if world.name != "default":
+        reference, toy_dir = ref.pipeline, Path(ref.pipeline).resolve()
     is_toy = Path(ref.pipeline).resolve() == toy_dir and ref.transformer is None and not args.naive
     res = evaluate(pipe, items, args.seeds, cfg, progress=not args.json)
     if not args.no_fidelity:
         if is_toy:  # the reference itself: identical by construction
             res["fidelity"] = {"psnr_db": 100.0, "verdict_agreement": 1.0}
         else:
-            ref_res = evaluate(load_model("toy"), items, args.seeds, cfg, progress=not args.json)
+            ref_res = evaluate(load_model(reference), items, args.seeds, cfg, progress=not args.json)
             from .runner import fidelity, ratio_interval
 
             res["fidelity"] = fidelity(res["_images"], ref_res["_images"], res["_verdicts"], ref_res["_verdicts"])
@@ -88,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         save_image(make_grid(cols, [items[i].text for i in rows]), args.grid)
         res["grid"] = str(args.grid)
     out = public(res)
-    out = {"model": args.model, "naive": args.naive, "prompts": args.prompts, **out}
+    out = {"model": args.model, "naive": args.naive, "prompts": args.prompts, "world": world.name, "reference": reference, **out}
     print_result(out, args.json, _fmt(out, label))
     return 0
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import BitfluxError, ModelError
 from ..toy.scorer import score
-from ..toy.world import CATEGORIES, IMAGE_SIZE, TEXT_LENGTH, Category, Split, parse_prompt, prompts
+from ..toy.variants import world_of
+from ..toy.world import CATEGORIES, DEFAULT_WORLD, IMAGE_SIZE, TEXT_LENGTH, Category, Split, World, parse_prompt, prompts
 
 
 @dataclass(frozen=True)
@@ -33,23 +34,24 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class PromptItem:
-    """One prompt with its category (from the grammar)."""
+    """One prompt with its category (from the grammar) and the toy world it is scored in."""
 
     text: str
     category: Category
+    world: World = DEFAULT_WORLD
 
 
-def load_prompts(source: str, n: int = 96, seed: int = 0) -> list[PromptItem]:
-    """"train" / "heldout" (n prompts, round-robin over categories) or a text file, one prompt a line."""
+def load_prompts(source: str, n: int = 96, seed: int = 0, world: World = DEFAULT_WORLD) -> list[PromptItem]:
+    """"train" / "heldout" (n prompts of `world`, round-robin over categories) or a text file, one prompt a line."""
     if source in (Split.TRAIN.value, Split.HELDOUT.value):
-        return [PromptItem(t, c) for t, c in prompts(source, n, seed)]
+        return [PromptItem(t, c, world) for t, c in prompts(source, n, seed, world)]
     path = Path(source)
     if not path.is_file():
         raise BitfluxError(f"--prompts must be 'train', 'heldout' or a text file; {source!r} is none of these")
     lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     if not lines:
         raise BitfluxError(f"{source}: no prompts")
-    return [PromptItem(t, parse_prompt(t).category) for t in lines]  # PromptError outside the grammar
+    return [PromptItem(t, parse_prompt(t, world).category, world) for t in lines]  # PromptError outside the grammar
 
 
 def _generators(n_prompts: int, seed: int) -> list[torch.Generator]:
@@ -100,9 +102,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def score_images(images: np.ndarray, items: list[PromptItem]) -> np.ndarray:
-    """Verdicts (seeds, n_prompts) bool."""
-    specs = [parse_prompt(it.text) for it in items]
-    return np.array([[score(img, spec) for img, spec in zip(row, specs)] for row in images], dtype=bool)
+    """Verdicts (seeds, n_prompts) bool, each prompt scored in its own world's grammar and palette."""
+    specs = [parse_prompt(it.text, it.world) for it in items]
+    return np.array([[score(img, spec, it.world) for img, spec, it in zip(row, specs, items)] for row in images], dtype=bool)
 
 
 def summarize(verdicts: np.ndarray, items: list[PromptItem]) -> dict:
@@ -161,6 +163,21 @@ def as_pipeline(model):
     raise ModelError(f"cannot evaluate a {type(model).__name__}")
 
 
+def world_for(model) -> World:
+    """The toy world MODEL (bundled name, directory, or a pipeline loaded from one) was trained on."""
+    from diffusers import FluxPipeline
+
+    if isinstance(model, FluxPipeline):
+        path = getattr(model.config, "_name_or_path", None)
+        return world_of(path) if path and Path(path).is_dir() else DEFAULT_WORLD
+    if isinstance(model, (str, Path)):
+        from ..pipeline import resolve
+
+        pipeline = resolve(str(model), "toy").pipeline
+        return world_of(pipeline) if Path(pipeline).is_dir() else DEFAULT_WORLD
+    return DEFAULT_WORLD  # a bare transformer module is paired with the bundled toy
+
+
 def _quiet_loading() -> None:
     """No per-component loading bars from diffusers/transformers (they clutter eval output)."""
     import diffusers
@@ -205,11 +222,12 @@ def evaluate(
 ) -> dict:
     """Score `model` (pipeline, transformer module or MODEL string) on prompts.
 
+    `items` as a string ("heldout", "train", a file) draws prompts of the model's world (world_for).
     `reference`: a pipeline, MODEL string or precomputed images (seeds, n, H, W, 3) for fidelity;
     None skips fidelity. Returns scores, fidelity, timings, and the raw images and verdicts.
     """
     if isinstance(items, str):
-        items = load_prompts(items, n)
+        items = load_prompts(items, n, world=world_for(model))
     cfg = EvalConfig(**{**asdict(cfg), "seeds": seeds})
     pipe = as_pipeline(model)
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from .world import IMAGE_SIZE, vocabulary
+from .world import DEFAULT_WORLD, IMAGE_SIZE, World, vocabulary
 
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0..3
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -42,14 +42,14 @@ class ToyConfig:
     generic_words: bool = False  # vocabulary has "object(s)" (training on partial captions)
 
 
-def _vocab(generic: bool = False) -> dict[str, int]:
-    words = list(SPECIALS) + vocabulary(generic)
+def _vocab(generic: bool = False, world: World = DEFAULT_WORLD) -> dict[str, int]:
+    words = list(SPECIALS) + vocabulary(generic, world)
     return {w: i for i, w in enumerate(words)}
 
 
-def build_tokenizer(kind: str, generic: bool = False) -> PreTrainedTokenizerFast:
+def build_tokenizer(kind: str, generic: bool = False, world: World = DEFAULT_WORLD) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the world's vocabulary; `clip` adds <bos>..<eos>, `t5` adds </s>."""
-    tok = Tokenizer(models.WordLevel(_vocab(generic), unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(_vocab(generic, world), unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if kind == "clip":
@@ -71,10 +71,10 @@ def build_tokenizer(kind: str, generic: bool = False) -> PreTrainedTokenizerFast
     )
 
 
-def build_text_encoders(cfg: ToyConfig, seed: int) -> tuple[CLIPTextModel, T5EncoderModel]:
+def build_text_encoders(cfg: ToyConfig, seed: int, world: World = DEFAULT_WORLD) -> tuple[CLIPTextModel, T5EncoderModel]:
     """Tiny CLIP and T5 (2 layers each, learned with the transformer)."""
     torch.manual_seed(seed + 1)
-    n = len(_vocab(cfg.generic_words))
+    n = len(_vocab(cfg.generic_words, world))
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=n,
@@ -158,16 +158,16 @@ def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def build_pipeline(seed: int = 0, cfg: ToyConfig | None = None) -> FluxPipeline:
-    """The untrained pipeline; every weight is a deterministic function of `seed`."""
+def build_pipeline(seed: int = 0, cfg: ToyConfig | None = None, world: World = DEFAULT_WORLD) -> FluxPipeline:
+    """The untrained pipeline for `world`'s vocabulary; every weight is a deterministic function of `seed`."""
     cfg = cfg or ToyConfig()
-    clip, t5 = build_text_encoders(cfg, seed)
+    clip, t5 = build_text_encoders(cfg, seed, world)
     return FluxPipeline(
         scheduler=build_scheduler(),
         vae=build_vae(cfg, seed),
         text_encoder=clip,
-        tokenizer=build_tokenizer("clip", cfg.generic_words),
+        tokenizer=build_tokenizer("clip", cfg.generic_words, world),
         text_encoder_2=t5,
-        tokenizer_2=build_tokenizer("t5", cfg.generic_words),
+        tokenizer_2=build_tokenizer("t5", cfg.generic_words, world),
         transformer=build_transformer(cfg, seed),
     )

@@ -36,6 +36,7 @@ def _train(args: argparse.Namespace) -> int:
         partial_captions=args.partial_captions,
         absolute_positions=args.absolute_positions,
         canonical_positions=args.canonical_positions,
+        world=args.world,
     )
     for name in ("heads", "head_dim", "double_blocks", "single_blocks"):
         if getattr(args, name) < 1:
@@ -60,14 +61,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     from ..cli import print_result
+    from .variants import get_world
     from .world import parse_prompt, render, scene_for_spec
 
     out = Path(args.output)
     if out.exists():
         raise OutputExistsError(f"output path exists: {out} (bitflux never overwrites)")
-    spec = parse_prompt(args.prompt)
-    scene = scene_for_spec(random.Random(args.seed), spec)
-    img = render(scene)
+    world = get_world(args.world)
+    spec = parse_prompt(args.prompt, world)
+    scene = scene_for_spec(random.Random(args.seed), spec, world)
+    img = render(scene, world)
     if args.scale > 1:
         img = img.resize((img.width * args.scale, img.height * args.scale), 0)
     from ..eval.grid import save_image
@@ -80,12 +83,16 @@ def _render(args: argparse.Namespace) -> int:
 
 def _prompts(args: argparse.Namespace) -> int:
     from ..cli import print_result
+    from .variants import get_world
     from .world import prompts
 
-    items = prompts(args.split, args.n, args.seed)
-    res = {"split": args.split, "prompts": [{"prompt": t, "category": c.value} for t, c in items]}
+    items = prompts(args.split, args.n, args.seed, get_world(args.world))
+    res = {"split": args.split, "world": args.world, "prompts": [{"prompt": t, "category": c.value} for t, c in items]}
     print_result(res, args.json, "\n".join(f"{c.value:<14} {t}" for t, c in items))
     return 0
+
+
+_WORLD_ARG = dict(choices=("default", "heldout-b", "palette-b"), default="default")  # = toy.variants.WORLDS (tested)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -135,6 +142,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--head-dim", type=int, default=32, help="attention head dim, a multiple of 4 (default 32)")
     t.add_argument("--double-blocks", type=int, default=2, help="double-stream blocks (default 2)")
     t.add_argument("--single-blocks", type=int, default=4, help="single-stream blocks (default 4)")
+    t.add_argument("--world", **_WORLD_ARG, help="toy-world variation: palette and held-out compositions, "
+                   "recorded in OUT so eval and calibration use it (default: default; see bitflux.toy.variants)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")
     t.set_defaults(func=_train)
@@ -148,6 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("output", metavar="OUT", help="image file to write (must not exist)")
     r.add_argument("--seed", type=int, default=0, help="placement seed (default 0)")
     r.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling factor (default 1)")
+    r.add_argument("--world", **_WORLD_ARG, help="toy-world variation whose grammar and palette to use (default: default)")
     r.add_argument("--json", action="store_true", help="print the placed objects as JSON")
     r.set_defaults(func=_render)
 
@@ -160,6 +170,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--split", choices=("train", "heldout"), default="heldout", help="which split (default heldout)")
     q.add_argument("--n", type=int, default=12, help="how many (default 12)")
     q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    q.add_argument("--world", **_WORLD_ARG, help="toy-world variation whose split to list (default: default)")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=_prompts)
 

@@ -22,11 +22,9 @@ from transformers import PreTrainedTokenizerFast
 
 from .world import (
     CATEGORIES,
-    COLORS,
+    DEFAULT_WORLD,
     GENERIC,
     GRID,
-    HELDOUT_COLOR_SHAPE,
-    HELDOUT_ORDER,
     TEXT_LENGTH,
     Category,
     Placed,
@@ -34,6 +32,7 @@ from .world import (
     Scene,
     Spec,
     Split,
+    World,
     caption,
     caption_spec,
     in_split,
@@ -78,7 +77,7 @@ def tokenize(clip_tok: PreTrainedTokenizerFast, t5_tok: PreTrainedTokenizerFast,
     return c.input_ids, t.input_ids
 
 
-def partial_caption(rng: random.Random, spec: Spec, p: float) -> str | None:
+def partial_caption(rng: random.Random, spec: Spec, p: float, world: World = DEFAULT_WORLD) -> str | None:
     """A caption of `spec` that names no held-out composition, or None if it has no such caption.
 
     Each coloured object is called GENERIC with probability p, and always if its colour-shape pair
@@ -87,9 +86,9 @@ def partial_caption(rng: random.Random, spec: Spec, p: float) -> str | None:
     """
     objs = spec.objects
     if spec.category in (Category.SINGLE_OBJECT, Category.TWO_OBJECT):
-        return caption_spec(spec) if in_split(spec, Split.TRAIN) else None
-    generic = [(o.color, o.shape) in HELDOUT_COLOR_SHAPE or rng.random() < p for o in objs]
-    if len(objs) == 2 and not any(generic) and (objs[0].shape, objs[1].shape) in HELDOUT_ORDER:
+        return caption_spec(spec) if in_split(spec, Split.TRAIN, world) else None
+    generic = [(o.color, o.shape) in world.heldout_color_shape or rng.random() < p for o in objs]
+    if len(objs) == 2 and not any(generic) and (objs[0].shape, objs[1].shape) in world.heldout_order:
         generic[rng.randrange(2)] = True
     named = tuple(dataclasses.replace(o, shape=GENERIC) if g else o for o, g in zip(objs, generic))
     return caption_spec(dataclasses.replace(spec, objects=named))
@@ -110,7 +109,7 @@ def at_edge(rel: Relation, cell: tuple[int, int]) -> bool:
     }[rel]
 
 
-def absolute_scene(rng: random.Random) -> tuple[Scene, str]:
+def absolute_scene(rng: random.Random, world: World = DEFAULT_WORLD) -> tuple[Scene, str]:
     """One coloured training-split object at an edge of the grid, captioned with the bare relation
     ("a red circle to the left", "a blue square below").
 
@@ -118,7 +117,7 @@ def absolute_scene(rng: random.Random) -> tuple[Scene, str]:
     left columns 2/3 of the time); this states it outright, in the grammar's own words, so a
     small model can ground the relation words in image position.
     """
-    spec = sample_spec(rng, Category.COLORS, Split.TRAIN)
+    spec = sample_spec(rng, Category.COLORS, Split.TRAIN, world)
     rel = rng.choice(list(Relation))
     cell = rng.choice([(r, c) for r in range(GRID) for c in range(GRID) if at_edge(rel, (r, c))])
     obj = spec.objects[0]
@@ -146,25 +145,25 @@ def canonical_scene(scene: Scene) -> Scene:
 
 
 def _scenes(
-    n: int, rng: random.Random, partial: float, absolute: float = 0.0, canonical: float = 0.0
+    n: int, rng: random.Random, partial: float, absolute: float = 0.0, canonical: float = 0.0, world: World = DEFAULT_WORLD
 ) -> tuple[list[Scene], list[str]]:
     cats = list(CATEGORIES)
     weights = [CATEGORY_WEIGHTS[c] for c in cats]
     scenes, caps = [], []
     while len(scenes) < n:
         if absolute > 0 and rng.random() < absolute:  # no extra draw when off: default data unchanged
-            scene, text = absolute_scene(rng)
+            scene, text = absolute_scene(rng, world)
         elif partial <= 0:
-            scene = sample_scene(rng, rng.choices(cats, weights)[0], Split.TRAIN)
+            scene = sample_scene(rng, rng.choices(cats, weights)[0], Split.TRAIN, world)
             text = caption(scene)
             if canonical > 0 and scene.spec.category == Category.POSITION and rng.random() < canonical:
                 scene = canonical_scene(scene)
         else:
-            spec = random_spec(rng, rng.choices(cats, weights)[0])
-            text = partial_caption(rng, spec, partial)
+            spec = random_spec(rng, rng.choices(cats, weights)[0], world)
+            text = partial_caption(rng, spec, partial, world)
             if text is None:
                 continue
-            scene = scene_for_spec(rng, spec)
+            scene = scene_for_spec(rng, spec, world)
         scenes.append(scene)
         caps.append(text)
     return scenes, caps
@@ -178,27 +177,28 @@ def make_data(
     partial: float = 0.0,
     absolute: float = 0.0,
     canonical: float = 0.0,
+    world: World = DEFAULT_WORLD,
 ) -> ToyData:
-    """n scenes drawn with CATEGORY_WEIGHTS; partial > 0 uses partial captions, absolute > 0 that
-    share of bare-relation scenes, canonical > 0 that share of relation scenes at canonical cells
-    (module docstring)."""
+    """n scenes of `world` drawn with CATEGORY_WEIGHTS; partial > 0 uses partial captions, absolute
+    > 0 that share of bare-relation scenes, canonical > 0 that share of relation scenes at
+    canonical cells (module docstring)."""
     rng = random.Random(f"toy-data-{seed}")
-    scenes, caps = _scenes(n, rng, partial, absolute, canonical)
+    scenes, caps = _scenes(n, rng, partial, absolute, canonical, world)
     clip_ids, t5_ids = tokenize(clip_tok, t5_tok, caps)
-    return ToyData(images_to_tensor([render(s) for s in scenes]), caps, clip_ids, t5_ids)
+    return ToyData(images_to_tensor([render(s, world) for s in scenes]), caps, clip_ids, t5_ids)
 
 
-def make_vae_images(n: int, seed: int) -> torch.Tensor:
+def make_vae_images(n: int, seed: int, world: World = DEFAULT_WORLD) -> torch.Tensor:
     """(n, 3, H, W) images whose objects are recoloured uniformly at random.
 
     The VAE is an image codec: it must reconstruct every colour-shape pair, including those that
     only held-out prompts name (no prompt is involved, so the prompt split stays intact).
     """
     rng = random.Random(f"toy-vae-{seed}")
-    colors = list(COLORS)
+    colors = [c for c, _ in world.colors]
     imgs = []
     for _ in range(n):
-        s = sample_scene(rng, rng.choice(CATEGORIES), Split.TRAIN)
+        s = sample_scene(rng, rng.choice(CATEGORIES), Split.TRAIN, world)
         objs = tuple(dataclasses.replace(o, color=rng.choice(colors)) for o in s.objects)
-        imgs.append(render(Scene(s.spec, objs)))
+        imgs.append(render(Scene(s.spec, objs), world))
     return images_to_tensor(imgs)

@@ -1,6 +1,6 @@
 """A GenEval-style scorer for toy-world images that needs no learned model.
 
-Pixels are labelled by their nearest palette colour, same-colour pixels are grouped into
+Pixels are labelled by their nearest colour of the world's palette, same-colour pixels are grouped into
 connected blobs, each blob's shape is the template (rendered by the world itself, optionally
 blurred, since generated edges are soft) closest to its colour-membership map, and a prompt's verdict is all-or-nothing over what its Spec asks for.
 """
@@ -13,13 +13,19 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from .world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, Category, Relation, Spec, shape_mask
+from .world import BACKGROUND, DEFAULT_WORLD, IMAGE_SIZE, SHAPES, Category, Relation, Spec, World, shape_mask
 
 MIN_AREA = 36  # pixels; a whole object covers 72..113, smaller blobs are noise
 REL_MARGIN = 4.0  # pixels the centroids must differ by for a spatial relation (cells are 16 apart)
 
-_NAMES = ("background", *COLORS)
-_PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # (7, 3)
+
+@lru_cache(maxsize=None)
+def _palette(world: World) -> tuple[tuple[str, ...], np.ndarray]:
+    """("background", colour words...) and their RGB rows (1 + colours, 3) float32."""
+    return ("background", *(c for c, _ in world.colors)), np.array([BACKGROUND, *(rgb for _, rgb in world.colors)], dtype=np.float32)
+
+
+_NAMES, _PALETTE = _palette(DEFAULT_WORLD)  # (7,), (7, 3)
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,10 @@ def _as_array(image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-def label_colors(arr: np.ndarray) -> np.ndarray:
-    """(H, W) palette index per pixel: 0 background, 1.. the COLORS in order."""
-    d = ((arr[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)  # (H, W, 7)
+def label_colors(arr: np.ndarray, world: World = DEFAULT_WORLD) -> np.ndarray:
+    """(H, W) palette index per pixel: 0 background, 1.. the world's colours in order."""
+    palette = _palette(world)[1]
+    d = ((arr[:, :, None, :] - palette[None, None]) ** 2).sum(-1)  # (H, W, 1 + colours)
     return d.argmin(-1)
 
 
@@ -96,10 +103,10 @@ def _template(shape: str, cx2: int, cy2: int, sigma: float) -> np.ndarray:
     return _blur(shape_mask(shape, cx2 / 2, cy2 / 2), sigma).astype(np.float32)
 
 
-def membership(arr: np.ndarray, color: str) -> np.ndarray:
+def membership(arr: np.ndarray, color: str, world: World = DEFAULT_WORLD) -> np.ndarray:
     """(H, W) in [0, 1]: how far each pixel lies from the background towards `color`."""
     bg = np.array(BACKGROUND, np.float32)
-    d = np.array(COLORS[color], np.float32) - bg
+    d = np.array(world.palette[color], np.float32) - bg
     return (((arr - bg) @ d) / float(d @ d)).clip(0, 1)
 
 
@@ -138,19 +145,20 @@ def classify(comp: np.ndarray, soft: np.ndarray | None = None) -> tuple[str, flo
     return (best if best_err <= MAX_ERR else "unknown"), max(0.0, 1.0 - best_err)
 
 
-def detect(image) -> list[Detection]:
-    """All blobs of any palette colour, with shape, centroid and area."""
+def detect(image, world: World = DEFAULT_WORLD) -> list[Detection]:
+    """All blobs of any colour of the world's palette, with shape, centroid and area."""
     arr = _as_array(image)
-    labels = label_colors(arr)
+    labels = label_colors(arr, world)
+    names = _palette(world)[0]
     out = []
-    for k in range(1, len(_NAMES)):
+    for k in range(1, len(names)):
         for comp in components(labels == k):
             area = int(comp.sum())
             if area < MIN_AREA:
                 continue
             ys, xs = np.nonzero(comp)
-            shape, iou = classify(comp, membership(arr, _NAMES[k]))
-            out.append(Detection(_NAMES[k], shape, float(xs.mean() + 0.5), float(ys.mean() + 0.5), area, iou))
+            shape, iou = classify(comp, membership(arr, names[k], world))
+            out.append(Detection(names[k], shape, float(xs.mean() + 0.5), float(ys.mean() + 0.5), area, iou))
     return out
 
 
@@ -179,6 +187,6 @@ def verdict_from_detections(dets: list[Detection], spec: Spec) -> bool:
     return all(len(f) >= 1 for f in found)
 
 
-def score(image, spec: Spec) -> bool:
-    """Does the image satisfy the prompt spec? (one verdict per image)"""
-    return verdict_from_detections(detect(image), spec)
+def score(image, spec: Spec, world: World = DEFAULT_WORLD) -> bool:
+    """Does the image satisfy the prompt spec? (one verdict per image; `world`: the palette it was drawn in)"""
+    return verdict_from_detections(detect(image, world), spec)

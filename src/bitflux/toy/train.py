@@ -26,7 +26,8 @@ from tqdm import tqdm
 from ..errors import ModelError, OutputExistsError
 from .build import LATENT_CHANNELS, ToyConfig, build_pipeline
 from .data import ToyData, make_data, make_vae_images, tokenize
-from .world import IMAGE_SIZE, TEXT_LENGTH
+from .variants import get_world
+from .world import IMAGE_SIZE, TEXT_LENGTH, World
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -51,6 +52,7 @@ class TrainConfig:
     canonical_positions: float = 0.0  # share of relation scenes drawn at canonical far-apart cells (data.py)
     ema: float = 0.999
     ckpt_every_s: float = 300.0
+    world: str = "default"  # toy-world variation (toy.variants.WORLDS): palette and held-out compositions
 
 
 def _gen(seed: int, step: int, phase: int) -> torch.Generator:
@@ -313,8 +315,8 @@ def train_flow(pipe: FluxPipeline, z: torch.Tensor, data: ToyData, cfg: TrainCon
 
 
 def save_refined_decoder(vae: AutoencoderKL, cfg: TrainConfig, work: Path) -> dict:
-    """Run refine_decoder (depends only on the VAE phase and the seed) and save it under work/."""
-    info = refine_decoder(vae, make_vae_images(cfg.n_vae_images, cfg.seed), cfg)
+    """Run refine_decoder (depends only on the VAE phase, the seed and the world) and save it under work/."""
+    info = refine_decoder(vae, make_vae_images(cfg.n_vae_images, cfg.seed, get_world(cfg.world)), cfg)
     tmp = work / "vae_refined.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp)
@@ -338,10 +340,21 @@ def _model_config(work: Path, model_cfg: ToyConfig, resume: bool) -> ToyConfig:
     return model_cfg
 
 
+def _check_world(work: Path, world: World, resume: bool) -> None:
+    """Record the world in work/world.json; a resumed run must ask for the same (none recorded: default)."""
+    path = work / "world.json"
+    if resume:
+        stored = json.loads(path.read_text())["name"] if path.exists() else "default"
+        if stored != world.name:
+            raise ModelError(f"{work} was started with --world {stored}; pass the same to resume")
+    _write_json({"name": world.name}, path)
+
+
 def train(out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = False, model_cfg: ToyConfig | None = None) -> Path:
     """Train the toy pipeline and save it (save_pretrained) to `out`; checkpoints go to `out`.work/."""
     out = Path(out)
     work = out.with_name(out.name + ".work")
+    world = get_world(cfg.world)
     if out.exists():
         raise OutputExistsError(f"{out} exists; bitflux never overwrites")
     if work.exists() and not resume:
@@ -356,18 +369,21 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = Fals
     budget = cfg.minutes * 60.0
 
     model_cfg = _model_config(work, model_cfg or ToyConfig(generic_words=cfg.partial_captions > 0), resume)
-    pipe = build_pipeline(cfg.seed, model_cfg)
+    _check_world(work, world, resume)
+    pipe = build_pipeline(cfg.seed, model_cfg, world)
     z = None
     data = make_data(
-        cfg.n_scenes, cfg.seed, pipe.tokenizer, pipe.tokenizer_2, cfg.partial_captions, cfg.absolute_positions, cfg.canonical_positions
+        cfg.n_scenes, cfg.seed, pipe.tokenizer, pipe.tokenizer_2, cfg.partial_captions, cfg.absolute_positions, cfg.canonical_positions,
+        world=world,
     )
     info: dict = {"config": asdict(cfg), "model": asdict(model_cfg), "image_size": IMAGE_SIZE, "latent_channels": LATENT_CHANNELS, "max_sequence_length": TEXT_LENGTH}
+    info["world"] = world.record()  # toy.variants.world_of reads it: eval and calibration use the same world
     if (work / "vae" / "config.json").exists():
         pipe.vae = AutoencoderKL.from_pretrained(work / "vae")
         info.update(json.loads((work / "vae_info.json").read_text()))
     else:
         pipe.vae.train()
-        info.update(train_vae(pipe.vae, make_vae_images(cfg.n_vae_images, cfg.seed), cfg, budget * cfg.vae_fraction - (time.monotonic() - t0)))
+        info.update(train_vae(pipe.vae, make_vae_images(cfg.n_vae_images, cfg.seed, world), cfg, budget * cfg.vae_fraction - (time.monotonic() - t0)))
         z = encode_latents(pipe.vae, data.images)
         tmp = work / "vae.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,8 @@
 
 Everything is deterministic from a seed. The prompt space is split so held-out prompts contain
 colour-shape pairs and object orders that never occur in training (or calibration) prompts.
+A `World` fixes the palette and those held-out compositions; the module constants are the default
+world's, every function takes `world=` (toy.variants names the others).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -76,6 +79,37 @@ HELDOUT_COLOR_SHAPE = frozenset(
 )
 HELDOUT_ORDER = frozenset({("circle", "square"), ("triangle", "diamond")})  # (first, second) shapes
 GENERIC = "object"  # training captions may say "a red object" instead of naming the shape (never in eval prompts)
+
+
+@dataclass(frozen=True)
+class World:
+    """One variation of the toy world: its palette and the compositions only held-out prompts contain.
+
+    Shapes, counts, relations, grid and background are shared by every world. A trained model
+    records its world (toy.variants), so eval, calibration and the scorer use the same one.
+    """
+
+    name: str
+    colors: tuple[tuple[str, tuple[int, int, int]], ...]  # (word, RGB) in palette order
+    heldout_color_shape: frozenset[tuple[str, str]]  # (colour, shape) pairs only held-out prompts name
+    heldout_order: frozenset[tuple[str, str]]  # (first, second) shapes only held-out prompts put in this order
+
+    @property
+    def palette(self) -> dict[str, tuple[int, int, int]]:
+        """Colour word -> RGB, in palette order."""
+        return dict(self.colors)
+
+    def record(self) -> dict:
+        """The JSON-able definition a trained pipeline stores (bitflux_toy.json "world")."""
+        return {
+            "name": self.name,
+            "colors": {c: list(rgb) for c, rgb in self.colors},
+            "heldout_color_shape": sorted(list(p) for p in self.heldout_color_shape),
+            "heldout_order": sorted(list(p) for p in self.heldout_order),
+        }
+
+
+DEFAULT_WORLD = World("default", tuple(COLORS.items()), HELDOUT_COLOR_SHAPE, HELDOUT_ORDER)
 
 
 @dataclass(frozen=True)
@@ -149,25 +183,28 @@ def caption(scene: Scene) -> str:
     return caption_spec(scene.spec)
 
 
-_COLOR = "|".join(COLORS)
-_SHAPE = "|".join(SHAPES)
-_NP = rf"a (?:({_COLOR}) )?({_SHAPE})"
-_REL = "|".join(re.escape(r.value) for r in Relation)
-_PATTERNS = (
-    ("pos", re.compile(rf"^{_NP} ({_REL}) {_NP}$")),
-    ("and", re.compile(rf"^{_NP} and {_NP}$")),
-    ("one", re.compile(rf"^{_NP}$")),
-    (
-        "count",
-        re.compile(rf"^({'|'.join(NUMBERS)}) ({_COLOR}) ({_SHAPE}|{'|'.join(PLURALS.values())})$"),
-    ),
-)
+@lru_cache(maxsize=None)
+def _patterns(world: World) -> tuple[tuple[str, re.Pattern], ...]:
+    """The grammar's regular expressions over a world's colour words."""
+    color = "|".join(c for c, _ in world.colors)
+    shape = "|".join(SHAPES)
+    np_ = rf"a (?:({color}) )?({shape})"
+    rel = "|".join(re.escape(r.value) for r in Relation)
+    return (
+        ("pos", re.compile(rf"^{np_} ({rel}) {np_}$")),
+        ("and", re.compile(rf"^{np_} and {np_}$")),
+        ("one", re.compile(rf"^{np_}$")),
+        ("count", re.compile(rf"^({'|'.join(NUMBERS)}) ({color}) ({shape}|{'|'.join(PLURALS.values())})$")),
+    )
 
 
-def parse_prompt(text: str) -> Spec:
-    """Parse a prompt of the grammar into a Spec; raise PromptError otherwise."""
+_PATTERNS = _patterns(DEFAULT_WORLD)
+
+
+def parse_prompt(text: str, world: World = DEFAULT_WORLD) -> Spec:
+    """Parse a prompt of the world's grammar into a Spec; raise PromptError otherwise."""
     t = " ".join(text.strip().lower().rstrip(".").split())
-    for kind, pat in _PATTERNS:
+    for kind, pat in _patterns(world):
         m = pat.match(t)
         if not m:
             continue
@@ -197,42 +234,43 @@ def parse_prompt(text: str) -> Spec:
             if (n == 1) != (noun == singular):
                 break
             return Spec(Category.COUNTING, (ObjSpec(singular, g[1], n),))
-    raise PromptError(f"prompt outside the toy grammar: {text!r} (see bitflux.toy.world for the grammar)")
+    world_note = "" if world == DEFAULT_WORLD else f" of world {world.name!r}"
+    raise PromptError(f"prompt outside the toy grammar{world_note}: {text!r} (see bitflux.toy.world for the grammar)")
 
 
-def is_heldout(spec: Spec) -> bool:
+def is_heldout(spec: Spec, world: World = DEFAULT_WORLD) -> bool:
     """True if the spec contains a held-out colour-shape pair or a held-out object order."""
-    if any((o.color, o.shape) in HELDOUT_COLOR_SHAPE for o in spec.objects):
+    if any((o.color, o.shape) in world.heldout_color_shape for o in spec.objects):
         return True
-    if len(spec.objects) == 2 and (spec.objects[0].shape, spec.objects[1].shape) in HELDOUT_ORDER:
+    if len(spec.objects) == 2 and (spec.objects[0].shape, spec.objects[1].shape) in world.heldout_order:
         return True
     return False
 
 
-def names_heldout(text: str) -> bool:
+def names_heldout(text: str, world: World = DEFAULT_WORLD) -> bool:
     """True if a caption (grammar or partial, see data.partial_caption) names a held-out composition:
     a held-out colour directly before its held-out shape, or two shapes in a held-out order."""
     words = text.lower().split()
     singular = [w[:-1] if w[:-1] in SHAPES else w for w in words]
-    if any((a, b) in HELDOUT_COLOR_SHAPE for a, b in zip(singular, singular[1:])):
+    if any((a, b) in world.heldout_color_shape for a, b in zip(singular, singular[1:])):
         return True
     shapes = tuple(w for w in singular if w in SHAPES)
-    return len(shapes) == 2 and shapes in HELDOUT_ORDER
+    return len(shapes) == 2 and shapes in world.heldout_order
 
 
-def in_split(spec: Spec, split: Split | str) -> bool:
+def in_split(spec: Spec, split: Split | str, world: World = DEFAULT_WORLD) -> bool:
     """Whether a spec belongs to a split. single_object has no composition: it is in both."""
     if spec.category == Category.SINGLE_OBJECT:
         return True
-    return is_heldout(spec) == (Split(split) == Split.HELDOUT)
+    return is_heldout(spec, world) == (Split(split) == Split.HELDOUT)
 
 
 # ----------------------------------------------------------------------------- sampling
 
 
-def random_spec(rng: random.Random, category: Category) -> Spec:
+def random_spec(rng: random.Random, category: Category, world: World = DEFAULT_WORLD) -> Spec:
     """A random spec of a category from the whole grammar (either split)."""
-    colors, shapes = list(COLORS), list(SHAPES)
+    colors, shapes = [c for c, _ in world.colors], list(SHAPES)
     if category == Category.SINGLE_OBJECT:
         return Spec(category, (ObjSpec(rng.choice(shapes)),))
     if category == Category.COLORS:
@@ -249,12 +287,12 @@ def random_spec(rng: random.Random, category: Category) -> Spec:
     return Spec(category, objs, rng.choice(list(Relation)))
 
 
-def sample_spec(rng: random.Random, category: Category | str, split: Split | str) -> Spec:
+def sample_spec(rng: random.Random, category: Category | str, split: Split | str, world: World = DEFAULT_WORLD) -> Spec:
     """A random spec of a category from a split (rejection sampling over the grammar)."""
     category = Category(category)
     for _ in range(10_000):
-        spec = random_spec(rng, category)
-        if in_split(spec, split):
+        spec = random_spec(rng, category, world)
+        if in_split(spec, split, world):
             return spec
     raise RuntimeError("split has no prompt of this category")  # pragma: no cover
 
@@ -279,33 +317,35 @@ def _place(rng: random.Random, n: int, rel: Relation | None) -> list[tuple[int, 
         return pick
 
 
-def scene_for_spec(rng: random.Random, spec: Spec) -> Scene:
-    """Place objects that satisfy the spec; uncoloured objects get a random colour."""
+def scene_for_spec(rng: random.Random, spec: Spec, world: World = DEFAULT_WORLD) -> Scene:
+    """Place objects that satisfy the spec; uncoloured objects get a random colour of the world."""
     items: list[tuple[str, str]] = []
     for o in spec.objects:
         for _ in range(o.count):
-            items.append((o.shape, o.color or rng.choice(list(COLORS))))
+            items.append((o.shape, o.color or rng.choice([c for c, _ in world.colors])))
     cells = _place(rng, len(items), spec.relation)
     return Scene(spec, tuple(Placed(s, c, cell) for (s, c), cell in zip(items, cells)))
 
 
-def sample_scene(rng: random.Random, category: Category | str, split: Split | str = Split.TRAIN) -> Scene:
+def sample_scene(
+    rng: random.Random, category: Category | str, split: Split | str = Split.TRAIN, world: World = DEFAULT_WORLD
+) -> Scene:
     """A random scene of a category from a split."""
-    return scene_for_spec(rng, sample_spec(rng, category, split))
+    return scene_for_spec(rng, sample_spec(rng, category, split, world), world)
 
 
-def prompts(split: Split | str, n: int, seed: int = 0) -> list[tuple[str, Category]]:
+def prompts(split: Split | str, n: int, seed: int = 0, world: World = DEFAULT_WORLD) -> list[tuple[str, Category]]:
     """n distinct-as-possible (prompt, category) pairs, round-robin over categories."""
     rng = random.Random(f"prompts-{Split(split).value}-{seed}")
     out: list[tuple[str, Category]] = []
     seen: set[str] = set()
     for i in range(n):
         cat = CATEGORIES[i % len(CATEGORIES)]
-        text = caption_spec(sample_spec(rng, cat, split))
+        text = caption_spec(sample_spec(rng, cat, split, world))
         for _ in range(50):  # prefer unseen prompts; small categories repeat
             if text not in seen:
                 break
-            text = caption_spec(sample_spec(rng, cat, split))
+            text = caption_spec(sample_spec(rng, cat, split, world))
         seen.add(text)
         out.append((text, cat))
     return out
@@ -348,21 +388,22 @@ def shape_mask(shape: str, cx: float, cy: float, size: int = IMAGE_SIZE) -> np.n
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def render(scene: Scene) -> Image.Image:
-    """The scene as an RGB image of IMAGE_SIZE x IMAGE_SIZE."""
+def render(scene: Scene, world: World = DEFAULT_WORLD) -> Image.Image:
+    """The scene as an RGB image of IMAGE_SIZE x IMAGE_SIZE, in the world's palette."""
     s = SUPERSAMPLE
+    palette = world.palette
     img = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         cx, cy = o.centre
-        draw_shape(draw, o.shape, cx, cy, COLORS[o.color], s)
+        draw_shape(draw, o.shape, cx, cy, palette[o.color], s)
     return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
 
 
-def vocabulary(generic: bool = False) -> list[str]:
-    """Every word the grammar uses (the tokenizers' vocabulary, before special tokens); `generic`
-    adds GENERIC and its plural, for models trained on partial captions."""
+def vocabulary(generic: bool = False, world: World = DEFAULT_WORLD) -> list[str]:
+    """Every word the world's grammar uses (the tokenizers' vocabulary, before special tokens);
+    `generic` adds GENERIC and its plural, for models trained on partial captions."""
     words = ["a", "and", "to", "the", "left", "right", "of", "above", "below"]
-    words += list(COLORS) + list(SHAPES) + list(PLURALS.values()) + list(NUMBERS)
+    words += [c for c, _ in world.colors] + list(SHAPES) + list(PLURALS.values()) + list(NUMBERS)
     words += [GENERIC, GENERIC + "s"] if generic else []
     return sorted(set(words))
