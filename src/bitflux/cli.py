@@ -12,7 +12,10 @@ import json
 import sys
 from typing import Any
 
+from . import _quiet
 from .errors import BitfluxError
+
+_quiet.install()  # before any command module imports diffusers' pipelines
 
 # Modules that contribute sub-commands, in `--help` order. A missing optional module is skipped.
 _COMMAND_MODULES = (

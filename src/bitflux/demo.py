@@ -14,6 +14,10 @@ from pathlib import Path
 
 import torch
 
+from . import _quiet
+
+_quiet.install()
+
 OUT = Path("out")
 PROMPTS = [
     "a red circle",
@@ -21,6 +25,11 @@ PROMPTS = [
     "a green triangle to the left of a yellow diamond",
     "three purple circles",
 ]
+COLUMN_NOTES = {  # what each column of out/demo.png is, printed after it is written
+    "full precision": "the bundled fp32 toy FLUX transformer (the reference)",
+    "naive 1.58-bit": "the same weights ternarised per row (absmean), packed 2bit, saved and reloaded; no calibration",
+    "calibrated 1.58-bit": "the bundled toy-1.58bit, calibrated without image data (same packed size)",
+}
 
 
 def main() -> int:
@@ -49,11 +58,11 @@ def main() -> int:
         print(f"quantised, saved to disk and reloaded: outputs bit-identical = {same}")
         naive = size_report(reloaded)
         pipe.transformer = reloaded
-        columns["naive 1.58b"] = generate(pipe, items, 1, cfg)[0]
+        columns["naive 1.58-bit"] = generate(pipe, items, 1, cfg)[0]
 
     if bundled("toy-1.58bit") is not None:
         calibrated = load_model("toy-1.58bit")
-        columns["calibrated 1.58b"] = generate(calibrated, items, 1, cfg)[0]
+        columns["calibrated 1.58-bit"] = generate(calibrated, items, 1, cfg)[0]
     grid = make_grid(columns, PROMPTS)
     tmp_png = OUT / f".demo.png.tmp-{os.getpid()}.png"
     grid.save(tmp_png)
@@ -62,7 +71,11 @@ def main() -> int:
         f"toy transformer: {naive['params']:,} params, {naive['ternary_fraction']:.2%} ternary, "
         f"{naive['bytes'] / 1e6:.2f} MB packed vs {naive['bf16_bytes'] / 1e6:.2f} MB bf16 ({naive['ratio']:.2f}x)"
     )
-    print(f"wrote {OUT / 'demo.png'} (columns: {', '.join(columns)}) in {time.perf_counter() - t0:.0f}s")
+    print(f"\nwrote {(OUT / 'demo.png').resolve()} in {time.perf_counter() - t0:.0f}s")
+    print(f"  rows: {len(PROMPTS)} prompts of the toy world (48x48 images, one seed each, shown 4x)")
+    for label, what in COLUMN_NOTES.items():
+        if label in columns:
+            print(f"  column {label!r}: {what}")
     return 0 if same else 1
 
 

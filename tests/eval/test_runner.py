@@ -32,9 +32,19 @@ def test_fidelity_agreement():
 
 
 def test_grid_layout_and_rows():
-    cols = {"a": np.zeros((3, 32, 32, 3), np.uint8), "b": np.full((3, 32, 32, 3), 255, np.uint8)}
-    g = make_grid(cols, ["p1", "p2", "p3"])
-    assert g.height == 14 + 3 * 128
+    from bitflux.eval.grid import GAP
+
+    cols = {"a": np.zeros((3, 32, 32, 3), np.uint8), "b": np.full((3, 32, 32, 3), 200, np.uint8)}
+    long = "a green triangle to the left of a yellow diamond and three purple circles"
+    g = make_grid(cols, ["p1", long, "p3"])
+    tile = 32 * 4
+    assert g.width == tile + 2 * (tile + GAP)  # the prompt column is one tile wide, however long the prompt
+    head = g.height - 3 * (tile + GAP)
+    assert 0 < head < tile
+    px = np.asarray(g)
+    assert (px[head + tile // 2, tile + GAP + tile // 2] == 0).all()  # column a, row 0
+    assert (px[head + 2 * (tile + GAP) + tile // 2, tile + 2 * GAP + tile + tile // 2] == 200).all()  # column b, row 2
+    assert (px[head : head + tile, :tile] < 128).any()  # the long prompt is drawn, wrapped into its column
     assert pick_rows(["x", "x", "y", "z"], 3) == [0, 2, 3]
 
 
