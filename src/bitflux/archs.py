@@ -149,6 +149,7 @@ def model_class(config: dict[str, Any]) -> type[nn.Module]:
 
 def build_meta_model(config: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """The diffusers model `config` describes, on the meta device in `dtype` (no memory, no weights)."""
+    from diffusers.models.modeling_utils import no_init_weights
     from diffusers.utils import logging as diffusers_logging
 
     cls = model_class(config)
@@ -156,7 +157,7 @@ def build_meta_model(config: dict[str, Any], dtype: torch.dtype = torch.bfloat16
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # silence the "cast with .to()" advice: meta tensors only
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), no_init_weights():  # meta tensors hold nothing to initialise
             return cls.from_config(kwargs).to(dtype)
     except (TypeError, ValueError) as e:
         raise ModelError(f"config.json does not describe a valid {cls.__name__}: {e}") from None

@@ -7,7 +7,6 @@ counted in a second with no weights and no download.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from .checkpoint import (
 from .config import PackFormat, QuantConfig
 from .errors import ModelError
 from .linear import TernaryLinear
+from .packing import packed_cols
 from .policies import policy_for
 from .quantize import quantize
 
@@ -67,11 +67,14 @@ def inspect_arch(arch: str, qconfig: QuantConfig) -> dict[str, Any]:
     """Size report of a named architecture (meta device), with the bytes of every packing format."""
     if arch not in ARCHS:
         raise ModelError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    report = {"model": arch, **size_report(_quantized_meta(ARCHS[arch], qconfig))}
-    for fmt in PackFormat:  # both formats side by side: the choice is a size/speed trade
-        r = report if fmt is qconfig.format else size_report(_quantized_meta(ARCHS[arch], replace(qconfig, format=fmt)))
-        report[f"bytes_{fmt.value}"] = r["bytes"]
-        report[f"ratio_{fmt.value}"] = r["ratio"]
+    model = _quantized_meta(ARCHS[arch], qconfig)
+    report = {"model": arch, **size_report(model)}
+    ternary = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    codes = sum(m.qweight.numel() for m in ternary)  # uint8: one byte each
+    for fmt in PackFormat:  # both formats side by side: only the packed codes' bytes differ
+        nbytes = report["bytes"] - codes + sum(m.out_features * packed_cols(m.in_features, fmt) for m in ternary)
+        report[f"bytes_{fmt.value}"] = nbytes
+        report[f"ratio_{fmt.value}"] = report["bf16_bytes"] / nbytes
     return report
 
 

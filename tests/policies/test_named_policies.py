@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import BUILDERS, build
+from tiny_models import BUILDERS, build, dequantized_reference, forward
 
 import bitflux
 from bitflux import QuantConfig, TernaryLinear
@@ -24,20 +24,6 @@ KEPT = {
     "chroma": {"distilled_guidance_layer.in_proj", "distilled_guidance_layer.out_proj", "x_embedder",
                "context_embedder", "proj_out"},
 }
-
-
-def dequantized_reference(float_model: torch.nn.Module, quantised: torch.nn.Module) -> torch.nn.Module:
-    """`float_model` with each Linear that `quantised` ternarised given its dequantised weight."""
-    ref = copy.deepcopy(float_model)
-    for name, mod in quantised.named_modules():
-        if isinstance(mod, TernaryLinear):
-            ref.get_submodule(name).weight.data = mod.dequantized_weight(torch.float32)
-    return ref
-
-
-def forward(model: torch.nn.Module, kw: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**kw, return_dict=False)[0]
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

@@ -6,10 +6,13 @@ config keeps both block kinds of its architecture, so the policy's globs are all
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from bitflux import TernaryLinear
 
 
 def _g(seed: int) -> torch.Generator:
@@ -113,6 +116,20 @@ def chroma() -> tuple[nn.Module, dict[str, Any]]:
 BUILDERS: dict[str, Callable[[], tuple[nn.Module, dict[str, Any]]]] = {
     "flux": flux, "flux2": flux2, "sd3": sd3, "qwenimage": qwenimage, "wan": wan, "chroma": chroma,
 }
+
+
+def dequantized_reference(float_model: nn.Module, quantised: nn.Module) -> nn.Module:
+    """`float_model` with each Linear that `quantised` ternarised given its dequantised weight."""
+    ref = copy.deepcopy(float_model)
+    for name, mod in quantised.named_modules():
+        if isinstance(mod, TernaryLinear):
+            ref.get_submodule(name).weight.data = mod.dequantized_weight(torch.float32)
+    return ref
+
+
+def forward(model: nn.Module, kw: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**kw, return_dict=False)[0]
 
 
 def build(policy: str, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
