@@ -36,8 +36,15 @@ def print_result(obj: dict[str, Any], as_json: bool, text: str | None = None) ->
         print(text if text is not None else "\n".join(f"{k}: {v}" for k, v in obj.items()))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (exit 2), like every other bitflux error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bitflux",
         description="1.58-bit (ternary) FLUX: quantise, calibrate, inspect, run and measure.",
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
+from . import argtypes
 from .cli import print_result
 from .config import ActPrecision, Backend, InitMethod, PackFormat, QuantConfig
 from .errors import ModelError, OutputExistsError
@@ -67,7 +69,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"output path exists: {out} (bitflux never overwrites)")
     if not out.parent.exists():
         raise ModelError(f"output directory does not exist: {out.parent}")
+    _check_model_dir(args.model)
     ref = resolve(args.model, args.base)
+    _check_fit(ref, args.model)
+    patch = _patch_pixels(ref.pipeline)
+    argtypes.check_multiple("height", args.height, patch)
+    argtypes.check_multiple("width", args.width, patch)
     transformer = load_transformer(ref, activations=args.activations, backend=args.backend)
     pipe = load_pipeline(ref, transformer)
     if args.threads:
@@ -83,6 +90,7 @@ def _generate(args: argparse.Namespace) -> int:
         args.prompt,
         num_inference_steps=args.steps,
         generator=torch.Generator().manual_seed(args.seed),
+        callback_on_step_end=_refuse_non_finite,
         **kwargs,
     ).images[0]
     seconds = time.perf_counter() - t0
@@ -96,6 +104,55 @@ def _generate(args: argparse.Namespace) -> int:
     }
     print_result(report, args.json, f"wrote {out} ({image.size[0]}x{image.size[1]}) in {seconds:.1f}s")
     return 0
+
+
+def _check_model_dir(model: str) -> None:
+    """A MODEL folder's config.json must be readable JSON before anything classifies it by it."""
+    from .pipeline import bundled
+    from .safeio import read_json_object
+
+    path = bundled(model) or Path(model)
+    if (path / "model_index.json").exists():
+        read_json_object(path / "model_index.json")
+        path = path / "transformer"
+    if os.path.lexists(path / "config.json"):
+        read_json_object(path / "config.json")
+
+
+def _check_fit(ref, model: str) -> None:
+    """A separate transformer must be a FLUX transformer whose widths fit the pipeline's encoders/VAE."""
+    from .pipeline import bundled
+    from .safeio import read_json_object
+    from .validate import check_is_transformer, check_pipeline_fit
+
+    if ref.transformer is None:
+        return
+    config = read_json_object(Path(ref.transformer) / "config.json")
+    check_is_transformer(config, model)
+    check_pipeline_fit(config, bundled(ref.pipeline) or Path(ref.pipeline), model)
+
+
+def _patch_pixels(pipeline: str) -> int:
+    """Pixels per transformer token side: VAE downscale x FluxPipeline's 2x2 latent packing (FLUX: 16).
+
+    Read from the VAE's config as FluxPipeline computes it (2 ** (len(block_out_channels) - 1)).
+    """
+    from .pipeline import bundled
+    from .safeio import read_json_object
+
+    vae = (bundled(pipeline) or Path(pipeline)) / "vae" / "config.json"
+    blocks = read_json_object(vae).get("block_out_channels") if vae.is_file() else None
+    return 2 ** (len(blocks) - 1) * 2 if isinstance(blocks, list) and blocks else 16
+
+
+def _refuse_non_finite(pipe, step: int, timestep, kwargs: dict) -> dict:
+    """Stop at the first denoising step whose latents hold NaN/inf (else the PNG is silently black)."""
+    import torch
+
+    latents = kwargs.get("latents")
+    if latents is not None and not bool(torch.isfinite(latents).all()):
+        raise ModelError(f"the model produced non-finite values at step {step + 1}: its weights are damaged or out of range")
+    return {}
 
 
 def _pipeline_defaults(pipeline: str) -> dict:
@@ -166,15 +223,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="text prompt")
     p.add_argument("-o", "--output", required=True, help="image file to write (must not exist)")
     p.add_argument("--base", help="pipeline (dir or hub id) giving text encoders and VAE for a bare transformer")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--height", type=int, help="image height (default: the pipeline's)")
-    p.add_argument("--width", type=int, help="image width (default: the pipeline's)")
-    p.add_argument("--guidance-scale", dest="guidance_scale", type=float, help="guidance (default: pipeline's)")
-    p.add_argument("--cfg-scale", dest="cfg_scale", type=float, help="real CFG scale with an empty negative prompt (toy: 3)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=20, help="denoising steps, >= 1 (default 20)")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="random seed, >= 0 (default 0)")
+    p.add_argument("--height", type=argtypes.image_side, help="image height, a multiple of 16 for FLUX (default: the pipeline's)")
+    p.add_argument("--width", type=argtypes.image_side, help="image width, a multiple of 16 for FLUX (default: the pipeline's)")
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=argtypes.scale, help="guidance (default: pipeline's)")
+    p.add_argument("--cfg-scale", dest="cfg_scale", type=argtypes.scale, help="real CFG scale with an empty negative prompt (toy: 3)")
     p.add_argument("--activations", choices=choices(ActPrecision), help="override activation precision")
     p.add_argument("--backend", choices=choices(Backend), help="force a kernel backend (default auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--threads", type=argtypes.positive_int, help="CPU threads for torch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_generate)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import BitfluxError, ModelError, OutputExistsError
+from .. import argtypes
+from ..errors import ModelError, OutputExistsError
 from ..toy.world import CATEGORIES
 from .runner import EvalConfig
 
@@ -35,6 +36,22 @@ def _fmt(res: dict, label: str) -> str:
     return "\n".join(lines)
 
 
+def _check_model(model: str) -> None:
+    """MODEL must be a FLUX transformer (or pipeline) whose widths fit the toy pipeline's encoders/VAE."""
+    from ..pipeline import bundled, resolve
+    from ..safeio import read_json_object
+    from ..validate import check_is_transformer, check_pipeline_fit
+
+    ref = resolve(model, "toy")
+    pipeline = bundled(ref.pipeline) or Path(ref.pipeline)
+    config_path = Path(ref.transformer) / "config.json" if ref.transformer else pipeline / "transformer" / "config.json"
+    if not config_path.is_file():
+        return  # a hub id: nothing local to check
+    config = read_json_object(config_path)
+    check_is_transformer(config, model)
+    check_pipeline_fit(config, pipeline, model)
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
@@ -46,8 +63,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.seeds < 1 or args.steps < 1 or args.n < 1:
-        raise BitfluxError("--seeds, --steps and --n must be positive")
+    _check_model(args.model)
     if args.grid and Path(args.grid).exists():
         raise OutputExistsError(f"output path exists: {args.grid} (bitflux never overwrites)")
     if args.grid and not Path(args.grid).resolve().parent.is_dir():
@@ -114,13 +130,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="heldout",
         help="'heldout' (compositions never trained on; default), 'train', or a text file with one prompt a line",
     )
-    p.add_argument("--n", type=int, default=96, help="prompts drawn for train/heldout, round-robin over categories (default 96)")
-    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the drawn prompt list (default 0)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4: 64 images per category)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"Euler sampling steps (default {d.steps})")
+    p.add_argument("--n", type=argtypes.positive_int, default=96, help="prompts drawn for train/heldout, round-robin over categories (default 96)")
+    p.add_argument("--prompt-seed", type=argtypes.seed, default=0, help="seed of the drawn prompt list (default 0)")
+    p.add_argument("--seeds", type=argtypes.positive_int, default=4, help="images per prompt (default 4: 64 images per category)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=d.steps, help=f"Euler sampling steps (default {d.steps})")
     p.add_argument(
         "--cfg-scale",
-        type=float,
+        type=argtypes.scale,
         default=d.cfg_scale,
         help=f"real classifier-free guidance scale, FluxPipeline's true_cfg_scale (default {d.cfg_scale}; 1 disables)",
     )
@@ -129,6 +145,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--naive", action="store_true", help="ternarise the model in memory by plain absmean rounding first")
     p.add_argument("--grid", metavar="PNG", help="save a grid: toy (full precision) vs MODEL on a few prompts")
     p.add_argument("--no-fidelity", action="store_true", help="skip generating the toy reference (halves the time)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=argtypes.nonneg_int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object (overall, one key per category, fidelity)")
     p.set_defaults(func=_run)
