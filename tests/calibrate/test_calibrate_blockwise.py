@@ -54,13 +54,14 @@ def test_blockwise_trains_each_block_in_isolation_and_finalizes(setup):
     before = _snapshot(build_student(teacher, cfg))
     snaps: list[dict[str, torch.Tensor]] = []
     losses: dict[int, list[float]] = {}
-    student = train_blockwise(
+    student, history = train_blockwise(
         teacher, calls, cfg, progress=False,
         on_step=lambda b, s, loss: losses.setdefault(b, []).append(loss),
         on_block=lambda b, st: snaps.append(_snapshot(st)),
     )
     n = len(blocks(student))
     assert len(snaps) == n and all(len(losses[b]) == cfg.steps // n for b in range(n))
+    assert history == [v for b in range(n) for v in losses[b]]
     names = [f"transformer_blocks.{i}." for i in range(len(student.transformer_blocks))]
     names += [f"single_transformer_blocks.{i}." for i in range(len(student.single_transformer_blocks))]
     prev = before
@@ -75,7 +76,7 @@ def test_blockwise_trains_each_block_in_isolation_and_finalizes(setup):
     assert all(a < b for a, b in zip(after, init)), (init, after)
 
     # deterministic: a second run gives bit-identical tensors
-    again = train_blockwise(teacher, calls, cfg, progress=False)
+    again, _ = train_blockwise(teacher, calls, cfg, progress=False)
     a, b = student.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -88,9 +89,9 @@ def test_blockwise_trains_each_block_in_isolation_and_finalizes(setup):
 def test_student_inputs_and_checkpointing(setup):
     teacher, calls, cfg = setup
     small = CalibConfig(**{**SMALL, "steps": 12})
-    plain = train_blockwise(teacher, calls, small, progress=False, input_source="student")
-    ckpt = train_blockwise(teacher, calls, small, progress=False, input_source="student", grad_checkpoint=True)
-    ref = train_blockwise(teacher, calls, small, progress=False)
+    plain, _ = train_blockwise(teacher, calls, small, progress=False, input_source="student")
+    ckpt, _ = train_blockwise(teacher, calls, small, progress=False, input_source="student", grad_checkpoint=True)
+    ref, _ = train_blockwise(teacher, calls, small, progress=False)
     a, b, c = plain.state_dict(), ckpt.state_dict(), ref.state_dict()
     assert a.keys() == b.keys()  # the checkpoint wrappers are removed again
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # recomputation changes nothing

@@ -72,7 +72,7 @@ def test_killed_run_resumes_to_the_same_result(pipe, tmp_path):
 
     work = tmp_path / "work"
     _kill_after(pipe, cfg, work, 5)  # after the checkpoint at step 4, before the end
-    assert (work / "state.json").exists()
+    assert [p.name for p in work.glob("state-*")] == ["state-0000004.safetensors"]
     steps_after_resume = []
     resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False, on_step=lambda s, _l: steps_after_resume.append(s))
     assert steps_after_resume == [5, 6]  # continued from the step-4 checkpoint
@@ -156,7 +156,7 @@ def test_on_policy_states_join_the_pool_and_resume_exactly(pipe, tmp_path, recor
 
     work = tmp_path / "work"
     _kill_after(pipe, cfg, work, 5)  # after the refresh (3) and the checkpoint at 4
-    assert (work / "on_policy.safetensors").exists()
+    assert (work / "on_policy-0.safetensors").exists()
     resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False)
     b = resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -176,7 +176,7 @@ def test_on_policy_rounds_add_states_at_each_refresh_and_resume_exactly(pipe, tm
 
     work = tmp_path / "work"
     _kill_after(pipe, cfg, work, 7)  # after both refreshes and the checkpoint at 6
-    assert (work / "on_policy.safetensors").exists() and (work / "on_policy-1.safetensors").exists()
+    assert (work / "on_policy-0.safetensors").exists() and (work / "on_policy-1.safetensors").exists()
     resumed, _ = calibrate(pipe, PROMPTS, cfg, work_dir=work, progress=False)
     b = resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,7 +11,6 @@ import copy
 import os
 import shutil
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
 from .blockwise import blocks, train_blockwise
+from .checkpoint import WorkDir
 from .config import CalibConfig, Mode
 from .joint import train
 from .states import record_states
@@ -51,23 +51,19 @@ def calibrate(
         raise BitfluxError("no calibration prompts")
     prompts = prompts[: config.prompts]
     t0 = time.perf_counter()
-    work = Path(work_dir) if work_dir is not None else None
-    if work is not None:
-        work.mkdir(parents=True, exist_ok=True)
+    work = WorkDir(work_dir, config) if work_dir is not None else None  # refuses another config's run
     if calls is None:
         calls = record_states(pipe, prompts, config, progress, config.record_batch)
     t_rec = time.perf_counter() - t0
     teacher = copy.deepcopy(pipe.transformer).float().eval()
-    losses: list[float] = []
     if config.mode is Mode.BLOCKWISE:  # resumable per finished block
         per_block = max(1, config.steps // len(blocks(teacher)))
 
         def _step(block: int, step: int, loss: float) -> None:
-            losses.append(loss)
             if on_step is not None:
                 on_step(block * per_block + step + 1, loss)
 
-        student = train_blockwise(teacher, calls, config, progress, on_step=_step, work=work)
+        student, losses = train_blockwise(teacher, calls, config, progress, on_step=_step, work=work)
     else:
 
         def resample(student: nn.Module, k: int) -> list[dict[str, torch.Tensor]]:
@@ -94,6 +90,6 @@ def calibrate(
     return model, stats
 
 
-def finish_work_dir(work: Path) -> None:
-    """Remove a finished run's checkpoints."""
+def finish_work_dir(work: str | os.PathLike) -> None:
+    """Remove a finished run's checkpoints (after its result is saved)."""
     shutil.rmtree(work, ignore_errors=True)

@@ -23,9 +23,9 @@ max(1, config.steps // n_blocks) Adam steps with the cosine schedule of `joint.t
 The returned student is the `build_student` module (every block trained), so `finalize` turns
 it into trunk-format TernaryLinears unchanged.
 
-Resumable per block: with `work`, each finished block's trained tensors are written atomically to
-`work/block-NNN.safetensors` and `work/blockwise.json` records how many blocks are done (and the
-config, so a mismatched resume is refused). A killed run re-run with the same `work` reloads the
+Resumable per block: with `work` (a checkpoint.WorkDir), each finished block's trained tensors and
+losses are written atomically to `block-NNN.safetensors`; its presence marks the block done (the
+work dir's config.json refuses a mismatched resume). A killed run re-run with the same `work` reloads the
 finished blocks and continues with the next one; since each block's batches are a pure function of
 (seed, block, step), the result equals an uninterrupted run's.
 
@@ -45,18 +45,14 @@ Scale notes (FLUX.1-dev on one 80 GB GPU; see bench/calib_memory.py for measured
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError
+from .checkpoint import WorkDir
 from .config import CalibConfig
 from .losses import block_loss, cosine_lr
 from .states import batch_calls
@@ -183,33 +179,26 @@ def _trained(blk: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in blk.named_parameters() if p.requires_grad}
 
 
-def _blocks_done(work: Path, config: CalibConfig, n_blocks: int) -> int:
-    """How many blocks a previous run in `work` finished (0 without one); refuses another config's run."""
-    meta_path = work / "blockwise.json"
-    if not meta_path.exists():
-        return 0
-    meta = json.loads(meta_path.read_text())
-    if meta.get("config") != config.to_dict() or meta.get("blocks") != n_blocks:
-        raise CheckpointError(f"{work}: resume checkpoint was made with a different calibration config")
-    return int(meta["done"])
+def _blocks_done(work: WorkDir, n_blocks: int) -> int:
+    """How many blocks, from block 0 on, a previous run in `work` finished."""
+    done = 0
+    while done < n_blocks and work.exists(f"block-{done:03d}.safetensors"):
+        done += 1
+    return done
 
 
-def _save_block(work: Path, i: int, blk: nn.Module, config: CalibConfig, n_blocks: int) -> None:
-    """Write block i's trained tensors, then mark blocks 0..i done (both atomic renames)."""
-    path = work / f"block-{i:03d}.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({n: p.detach().cpu().contiguous() for n, p in _trained(blk).items()}, str(tmp))
-    os.replace(tmp, path)
-    meta = work / ".blockwise.json.tmp"
-    meta.write_text(json.dumps({"done": i + 1, "blocks": n_blocks, "config": config.to_dict()}))
-    os.replace(meta, work / "blockwise.json")
+def _save_block(work: WorkDir, i: int, blk: nn.Module, losses: list[float]) -> None:
+    """Block i's trained tensors and its loss history, in one atomic file (its presence marks i done)."""
+    work.write(f"block-{i:03d}.safetensors", _trained(blk), {"block": i, "losses": losses})
 
 
-def _load_block(work: Path, i: int, blk: nn.Module) -> None:
-    tensors = load_file(str(work / f"block-{i:03d}.safetensors"))
+def _load_block(work: WorkDir, i: int, blk: nn.Module) -> list[float]:
+    """Load block i's trained tensors; returns its loss history."""
+    tensors, meta = work.read(f"block-{i:03d}.safetensors", set(_trained(blk)))
     with torch.no_grad():
         for n, p in _trained(blk).items():
             p.copy_(tensors[n])
+    return [float(v) for v in meta.get("losses", [])]
 
 
 Stream = dict[str, torch.Tensor]  # "hidden_states" (P, S_img, C), "encoder_hidden_states" (P, S_txt, C)
@@ -263,10 +252,10 @@ def train_blockwise(
     grad_checkpoint: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
     on_block: Callable[[int, nn.Module], None] | None = None,
-    work: Path | str | None = None,
+    work: WorkDir | None = None,
     chunk: int = 64,
-) -> nn.Module:
-    """Calibrate a `build_student` copy of `teacher` block by block; returns the student.
+) -> tuple[nn.Module, list[float]]:
+    """Calibrate a `build_student` copy of `teacher` block by block; returns (student, loss history).
 
     Block inputs are carried forward, not recomputed: a pool of recorded calls
     (`config.block_pool`, 0 = all) is pushed through the teacher once up to block 0; after block i
@@ -293,11 +282,8 @@ def train_blockwise(
     n = len(s_blocks)
     steps = max(1, config.steps // n)
     dev = torch.device(device) if device is not None else _first_param(teacher).device
-    work = Path(work) if work is not None else None
-    done = 0
-    if work is not None:
-        work.mkdir(parents=True, exist_ok=True)
-        done = _blocks_done(work, config, n)
+    done = _blocks_done(work, n) if work is not None else 0
+    history: list[float] = []
     pool = pool_indices(len(calls), config.block_pool, config.seed)
     t_stream, temb, shared = _first_inputs(teacher, calls, pool, chunk)
     s_stream = t_stream
@@ -305,11 +291,12 @@ def train_blockwise(
     for i, blk in enumerate(s_blocks):
         target = _run_block(t_blocks[i], t_stream, temb, shared, chunk)  # block i's teacher outputs
         if i < done:
-            _load_block(work, i, blk)  # type: ignore[arg-type]
+            history += _load_block(work, i, blk)  # type: ignore[union-attr]
         else:
-            _train_block(i, blk, s_stream, temb, shared, target, config, steps, dev, grad_checkpoint, bar, on_step)
+            losses = _train_block(i, blk, s_stream, temb, shared, target, config, steps, dev, grad_checkpoint, bar, on_step)
+            history += losses
             if work is not None:
-                _save_block(work, i, blk, config, n)
+                _save_block(work, i, blk, losses)
             if on_block is not None:
                 on_block(i, student)
         if input_source == "student":  # the next block learns to correct the calibrated prefix's error
@@ -318,7 +305,7 @@ def train_blockwise(
         if input_source == "teacher":
             s_stream = t_stream
     bar.close()
-    return student
+    return student, history
 
 
 def _train_block(
@@ -334,8 +321,8 @@ def _train_block(
     grad_checkpoint: bool,
     bar: Any,
     on_step: Callable[[int, int, float], None] | None,
-) -> None:
-    """Adam on block i's trainable tensors: match the teacher block's outputs on pooled inputs."""
+) -> list[float]:
+    """Adam on block i's trainable tensors: match the teacher block's outputs on pooled inputs; returns the losses."""
     home = _first_param(blk).device
     blk.to(dev)
     dtype = _first_param(blk).dtype  # fp32
@@ -344,6 +331,7 @@ def _train_block(
     undo = checkpoint_children(blk) if grad_checkpoint else None
     fixed = _cast(shared, dtype, dev)
     n_pool = len(temb)
+    losses: list[float] = []
     try:
         for step in range(steps):
             g = torch.Generator().manual_seed(block_seed(config.seed, i, step))
@@ -358,6 +346,7 @@ def _train_block(
             loss.backward()
             opt.step()
             value = loss.item()
+            losses.append(value)
             bar.update(1)
             bar.set_postfix(block=i, loss=f"{value:.4f}")
             if on_step is not None:
@@ -368,3 +357,4 @@ def _train_block(
         opt.zero_grad(set_to_none=True)
         del opt  # this block's Adam moments are freed before the next block
         blk.to(home)
+    return losses

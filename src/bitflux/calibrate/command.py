@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..cli import print_result
 from ..config import InitMethod, PackFormat
 from ..errors import BitfluxError, ModelError, OutputExistsError
 from .api import calibrate, finish_work_dir
+from .checkpoint import WorkDir
 from .config import CalibConfig, LossKind, Mode, TrainWhat
 
 
@@ -47,18 +49,25 @@ def eval_settings(src: str) -> tuple[dict, int | None]:
     return kwargs, e.steps
 
 
+def _finished(out: Path, config: CalibConfig) -> dict | None:
+    """The stats of a result a killed run of this config saved at `out` before removing its work dir."""
+    try:
+        stats = json.loads((out / "calibration.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) and stats.get("config") == config.to_dict() else None
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from ..checkpoint import save
     from ..inspect import size_report
     from ..pipeline import load_pipeline, resolve
 
     out = Path(args.out)
-    if out.exists():
-        raise OutputExistsError(f"output path exists: {out} (bitflux never overwrites)")
+    work = out.parent / f"{out.name}.partial"
     ref = resolve(args.src)
     if ref.transformer is not None:
         raise ModelError(f"{args.src}: already quantised; calibrate needs the full-precision pipeline")
-    prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
     pipe_kwargs, traj_steps = eval_settings(args.src)
     config = CalibConfig(
         init=args.init,
@@ -77,9 +86,18 @@ def _calibrate(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
     )
-    work = out.parent / f"{out.name}.partial"
+    if out.exists():
+        stats = _finished(out, config) if work.exists() else None
+        if stats is None:
+            raise OutputExistsError(f"output path exists: {out} (bitflux never overwrites)")
+        finish_work_dir(work)  # killed after its result was saved: only the cleanup was left
+        print_result({"out": str(out), **stats}, args.json, f"{out} was already written by this calibration; removed {work}")
+        return 0
     if not out.parent.is_dir():
         raise ModelError(f"output directory does not exist: {out.parent}")
+    prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
+    if work.exists():  # a damaged or mismatched checkpoint fails before any model is loaded
+        WorkDir(work, config)
     pipe = load_pipeline(ref)
     pipe.set_progress_bar_config(disable=True)
     if args.threads:
@@ -90,7 +108,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     save(model, out, extra_json={"calibration.json": stats})
     finish_work_dir(work)
     report = {"out": str(out), **stats, **size_report(model)}
-    text = f"wrote {out}: {stats['prompts']} prompts, {config.steps} steps in {stats['seconds']}s, final loss {stats['final_loss']:.4g}"
+    loss = "n/a" if stats["final_loss"] is None else f"{stats['final_loss']:.4g}"
+    text = f"wrote {out}: {stats['prompts']} prompts, {config.steps} steps in {stats['seconds']}s, final loss {loss}"
     print_result(report, args.json, text)
     return 0
 
@@ -103,7 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="data-free calibration: the full-precision model teaches its ternary copy",
         description="Ternarise SRC's transformer and train its codes and scales to match the full-precision "
         "model on trajectories it samples from text prompts (no images). Resumable: checkpoints go to "
-        "OUT.partial/ and re-running the same command continues from the last one.",
+        "OUT.partial/ and re-running the same command continues from the last one; a damaged checkpoint is "
+        "reported with the file to delete to start over.",
     )
     p.add_argument("src", help="full-precision pipeline: bundled name (toy), pipeline directory or hub id")
     p.add_argument("out", help="new output directory for the ternary transformer")

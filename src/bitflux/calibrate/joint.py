@@ -9,16 +9,14 @@ so a killed and re-run calibration ends bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import BitfluxError
-from .checkpoint import _load_ckpt, _load_params, _save_ckpt, _save_params, _snapshot_name
+from .checkpoint import WorkDir
 from .config import CalibConfig, LossKind
 from .losses import cosine_lr, nmse
 from .states import batch_calls
@@ -42,7 +40,7 @@ def train(
     teacher: nn.Module,
     calls: Calls,
     config: CalibConfig,
-    work: Path | None = None,
+    work: WorkDir | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     resample: Callable[[nn.Module, int], Calls] | None = None,
@@ -51,15 +49,15 @@ def train(
 
     `resample(student, k)` records the states a student visits at refresh k; it is called at each of
     `config.on_policy_steps()`, and its states join the pool (exposure bias: the student learns the
-    teacher's answer where its own trajectories drift, not only on the teacher's).
+    teacher's answer where its own trajectories drift, not only on the teacher's). With `work`, the
+    state is saved every `config.checkpoint_every` steps and after the last one, and a saved state
+    is resumed: the loss history returned is then the whole run's.
     """
     student = build_student(teacher, config)
     teacher = teacher.eval()
     params = trainable(student)
     opt = torch.optim.Adam(list(params.values()), lr=config.lr)
-    start = 0
-    if work is not None and (work / "state.json").exists():
-        start = _load_ckpt(work, student, opt, config)
+    start, losses = work.load_state(student, opt) if work is not None else (0, [])
     refresh = config.on_policy_steps()
     if refresh and resample is None:
         raise BitfluxError("on-policy calibration needs a pipeline to sample the student's trajectories")
@@ -67,20 +65,19 @@ def train(
         if start > at:  # resumed past this refresh: rebuild the same pool from its snapshot
             assert work is not None
             snapshot = build_student(teacher, config)
-            _load_params(snapshot, load_file(str(work / _snapshot_name(k))))
+            work.load_snapshot(k, snapshot)
             calls = calls + resample(snapshot, k)
     t_store: list[torch.Tensor] = []
     s_store: list[torch.Tensor] = []
     handles = []
     if config.loss is LossKind.BLOCKS:
         handles = _block_outputs(teacher, t_store) + _block_outputs(student, s_store)
-    losses: list[float] = []
     bar = tqdm(range(start, config.steps), desc="calibrate", disable=not progress, initial=start, total=config.steps)
     try:
         for step in bar:
             if step in refresh:
                 if work is not None:
-                    _save_params(student, work / _snapshot_name(refresh.index(step)))
+                    work.save_snapshot(refresh.index(step), student)
                 calls = calls + resample(student, refresh.index(step))
             t_store.clear()
             s_store.clear()
@@ -100,8 +97,9 @@ def train(
             opt.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if work is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save_ckpt(work, student, opt, step + 1, config)
+            every = config.checkpoint_every
+            if work is not None and ((every and (step + 1) % every == 0) or step + 1 == config.steps):
+                work.save_state(student, opt, step + 1, losses)
             if on_step is not None:
                 on_step(step + 1, losses[-1])
     finally:
