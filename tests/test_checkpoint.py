@@ -134,7 +134,8 @@ BAD = {
         FormatError,
         "version 99",
     ),
-    "not flux": (lambda p: _edit_config(p, lambda c: c.update(_class_name="UNet2DModel")), ModelError, "not a FLUX"),
+    "not a model class": (lambda p: _edit_config(p, lambda c: c.update(_class_name="NotAModel")), ModelError, "not a diffusers model class"),
+    "another class": (lambda p: _edit_config(p, lambda c: c.update(_class_name="UNet2DModel")), CheckpointError, "must be"),
     "bad json": (lambda p: (p / "config.json").write_text("{nope"), CheckpointError, "invalid JSON"),
     "not quantised": (lambda p: _edit_config(p, lambda c: c.pop("quantization_config")), ModelError, "not a bitflux"),
     "no weights": (lambda p: (p / WEIGHTS_NAME).unlink(), CheckpointError, "missing weight file"),
@@ -143,17 +144,43 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_checkpoint_raises_typed_error(saved, case):
+    """Each check behind the hashes (verify=False skips them) refuses its kind of damage."""
     corrupt, exc, match = BAD[case]
     corrupt(saved)
     with pytest.raises(exc, match=match):
+        bitflux.load(saved, verify=False)
+
+
+@pytest.mark.parametrize("case", ["code 3", "nan scale", "shape", "missing tensor", "truncated", "corrupted"])
+def test_recorded_hashes_catch_damaged_weights(saved, case):
+    BAD[case][0](saved)
+    with pytest.raises(CheckpointError, match=WEIGHTS_NAME):
         bitflux.load(saved)
+
+
+def test_one_flipped_bit_anywhere_is_caught(saved):
+    import random
+
+    rng = random.Random(0)
+    for name in (WEIGHTS_NAME, "config.json"):
+        f = saved / name
+        clean = f.read_bytes()
+        for _ in range(5):
+            data = bytearray(clean)
+            i = rng.randrange(len(data))
+            data[i] ^= 1 << rng.randrange(8)
+            f.write_bytes(bytes(data))
+            with pytest.raises(bitflux.BitfluxError):
+                bitflux.load(saved)
+        f.write_bytes(clean)
+    bitflux.load(saved)  # restored: loads again
 
 
 def test_bad_paths(tmp_path):
     with pytest.raises(ModelError, match="no such path"):
         bitflux.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match="config.json"):
         bitflux.load(tmp_path / "empty")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ModelError, match="not a directory"):
@@ -173,7 +200,10 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(ck, "seal", boom, raising=False)
+    import bitflux.integrity
+
+    monkeypatch.setattr(bitflux.integrity, "seal", boom)
     with pytest.raises(RuntimeError):
         bitflux.save(_quantised(), tmp_path / "q")
     assert os.listdir(tmp_path) == []

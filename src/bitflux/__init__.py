@@ -4,8 +4,9 @@ Public API: `quantize` a FLUX transformer in place, `save` it packed, `load` it 
 ever materialising dense weights, and run it in an ordinary `FluxPipeline`.
 """
 
+from .backend import register as _register_backend
 from .checkpoint import load, save
-from .config import ActPrecision, Backend, InitMethod, PackFormat, QuantConfig
+from .config import ActPrecision, Backend, BitfluxConfig, InitMethod, PackFormat, QuantConfig
 from .errors import BitfluxError, CheckpointError, FormatError, ModelError, OutputExistsError
 from .linear import TernaryLinear
 from .quantize import quantize, set_activations, set_backend
@@ -14,11 +15,14 @@ from .quantize import quantize, set_activations, set_backend
 # (see bitflux/calibrate/__init__.py for why `from bitflux.calibrate import X` still works).
 from .calibrate import CalibConfig, calibrate  # noqa: E402
 
+_register_backend()  # diffusers' from_pretrained now knows quant_method "bitflux"
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ActPrecision",
     "Backend",
+    "BitfluxConfig",
     "BitfluxError",
     "CalibConfig",
     "CheckpointError",

@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .config import FORMAT_VERSIONS, QUANT_METHOD, ActPrecision, Backend, PackFormat, QuantConfig
-from .errors import CheckpointError, FormatError, ModelError, OutputExistsError
+from .errors import BitfluxError, CheckpointError, FormatError, ModelError, OutputExistsError
 from .linear import TernaryLinear
 from .packing import check_packed
 from .quantize import quantize, set_activations, set_backend
@@ -78,19 +77,6 @@ def state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    return shards
-
-
 def save(
     model: nn.Module,
     out: str | os.PathLike,
@@ -98,31 +84,27 @@ def save(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     extra_json: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a quantised model to the new directory `out` (atomic: temp dir + rename).
+    """Write a quantised model to the new directory `out` through diffusers' `save_pretrained`.
 
-    `extra_json` maps file names to objects written beside config.json (e.g. calibration stats).
+    Atomic: written to a temporary sibling, then renamed. `extra_json` maps file names to objects
+    written beside config.json (e.g. calibration stats).
     """
-    state = state_to_save(model)
-    config = model_config_dict(model)
-    config["quantization_config"] = model.bitflux_config.to_dict()
+    from .backend import attach
+    from .integrity import seal
+
+    if not hasattr(model, "bitflux_config"):
+        raise ModelError("model is not quantised (call bitflux.quantize first)")
+    if not hasattr(model, "save_pretrained"):
+        raise ModelError(f"{type(model).__name__} is not a diffusers model (no save_pretrained)")
+    if getattr(model, "hf_quantizer", None) is None:
+        attach(model, model.bitflux_config)
     out, tmp = atomic_dir(out)
     try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with _quiet_diffusers():
+            model.save_pretrained(tmp, max_shard_size=max_shard_bytes, safe_serialization=True)
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-        shards = _shards({k: v.contiguous().cpu() for k, v in state.items()}, max_shard_bytes)
-        meta = {"format": "pt", "quant_method": QUANT_METHOD, "bitflux_format": config["quantization_config"]["format"]}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = WEIGHTS_NAME.replace(".safetensors", f"-{i:05d}-of-{len(shards):05d}.safetensors")
-                save_file(shard, str(tmp / name), metadata=meta)
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        seal(tmp)  # content hashes of every file, checked on load
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,17 +141,17 @@ def quant_config_from(config: dict[str, Any], where: Path) -> QuantConfig:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a model directory (single file or sharded with an index)."""
-    if (path / INDEX_NAME).exists():
-        index = read_json(path / INDEX_NAME, "index")
-        names = sorted(set(index.get("weight_map", {}).values()))
-        files = [path / n for n in names]
-    else:
-        files = [path / WEIGHTS_NAME]
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{path}: missing weight file {f.name}")
-    return files
+    """The safetensors files of a model directory (single file, or sharded with a checked index)."""
+    from .safeio import check_regular_file, read_json_object
+    from .validate import check_index, shard_files
+
+    if os.path.lexists(path / INDEX_NAME):
+        return shard_files(path, check_index(read_json_object(path / INDEX_NAME), path / INDEX_NAME))
+    f = path / WEIGHTS_NAME
+    if not os.path.lexists(f):
+        raise CheckpointError(f"{path}: missing weight file {f.name}")
+    check_regular_file(f)
+    return [f]
 
 
 def build_meta(config: dict[str, Any], qconfig: QuantConfig | None, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -195,36 +177,58 @@ def build_meta(config: dict[str, Any], qconfig: QuantConfig | None, dtype: torch
     return model
 
 
-def _read_tensors(files: list[Path], device: str) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device=device) as fh:
-                for k in fh.keys():
-                    state[k] = fh.get_tensor(k).clone()  # own, aligned storage
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{f}: truncated or corrupted safetensors file ({str(e).splitlines()[0]})") from None
-    return state
+class _quiet_diffusers:
+    """Silence diffusers' loader chatter (missing/unexpected-key notes we check ourselves) for a block."""
+
+    def __enter__(self) -> None:
+        from diffusers.utils import logging as dl
+
+        self._level = dl.get_verbosity()
+        dl.set_verbosity_error()
+
+    def __exit__(self, *exc: object) -> None:
+        from diffusers.utils import logging as dl
+
+        dl.set_verbosity(self._level)
 
 
-def _check_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig: QuantConfig, where: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(f"{where}: tensors disagree with config.json ({what})")
-    for k, ref in expected.items():
-        t = state[k]
-        if t.shape != ref.shape:
-            raise CheckpointError(f"{where}: {k} has shape {tuple(t.shape)}, config.json implies {tuple(ref.shape)}")
-        if k.endswith((".qweight", ".scale")) and t.dtype != ref.dtype:  # packed tensors have fixed dtypes
-            raise CheckpointError(f"{where}: {k} has dtype {t.dtype}, expected {ref.dtype}")
-    for name, mod in model.named_modules():
-        if isinstance(mod, TernaryLinear):
-            check_packed(state[f"{name}.qweight"], qconfig.format, name)
-            if not torch.isfinite(state[f"{name}.scale"].float()).all():
-                raise FormatError(f"{where}: {name}.scale holds non-finite values")
+def model_class(config: dict[str, Any], where: Path | str):
+    """The diffusers model class a config.json names in `_class_name`."""
+    import diffusers
+    from diffusers import ModelMixin
+
+    name = config.get("_class_name", "FluxTransformer2DModel")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+        raise ModelError(f"{where}: config.json names {name!r}, which is not a diffusers model class")
+    return cls
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """A model directory: `path` itself, or a pipeline directory's `transformer/`."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"no such path: {path}")
+    if not path.is_dir():
+        raise ModelError(f"not a directory: {path}")
+    if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
+        path = path / "transformer"
+    return path
+
+
+def from_pretrained(cls, source: str | os.PathLike, *, where: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """`cls.from_pretrained(source, **kwargs)` with diffusers' errors turned into one-line bitflux errors."""
+    from .backend import register
+
+    register()
+    try:
+        with _quiet_diffusers():
+            return cls.from_pretrained(str(source), **kwargs)
+    except BitfluxError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where or source}: cannot load ({msg})") from None
 
 
 def load(
@@ -232,35 +236,44 @@ def load(
     *,
     activations: ActPrecision | str | None = None,
     backend: Backend | str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """Load a bitflux checkpoint directory (or a pipeline directory's `transformer/`).
 
-    Returns a `FluxTransformer2DModel` with TernaryLinear blocks, usable as
-    `FluxPipeline(..., transformer=model)`. `activations` overrides the stored precision.
+    The same path as `<ModelClass>.from_pretrained(path)`: the model's own class with TernaryLinear
+    blocks, packed tensors assigned as stored (no dense weight ever exists). Everything is checked
+    first (config schema, stored headers, recorded hashes unless `verify=False`), values after.
+    `torch_dtype` is the dtype of the kept layers (default: as stored); `activations` overrides
+    the stored precision.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"no such path: {path}")
-    if not path.is_dir():
-        raise ModelError(f"not a directory: {path}")
-    if (path / "model_index.json").exists() and (path / "transformer").is_dir():
-        path = path / "transformer"
-    config = read_json(path / "config.json")
-    qconfig = quant_config_from(config, path)
-    model = build_meta(config, qconfig)
-    state = _read_tensors(weight_files(path), device)
-    _check_state(model, state, qconfig, path)
-    model.load_state_dict(state, strict=True, assign=True)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:
-        raise CheckpointError(f"{path}: tensors left unset after load: {leftover[:3]}")
-    model.bitflux_config = qconfig
+    from .backend import _VERIFY
+    from .safeio import read_json_object
+    from .tensorcheck import read_headers
+    from .validate import check_model_config, check_quantization_config
+
+    path = model_dir(path)
+    config = read_json_object(path / "config.json")
+    check_quantization_config(config.get("quantization_config"), path / "config.json")
+    cls = check_model_config(config, path / "config.json")
+    stored = next((h.dtype for h in read_headers(weight_files(path)).values() if h.dtype in _FLOAT_NAMES), "BF16")
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype or _FLOAT_NAMES[stored]}
+    if device not in (None, "cpu"):
+        kwargs["device_map"] = str(device)
+    token = _VERIFY.set(verify)
+    try:
+        model = from_pretrained(cls, path, where=path, **kwargs)
+    finally:
+        _VERIFY.reset(token)
     if activations is not None:
         set_activations(model, activations)
     if backend is not None:
         set_backend(model, backend)
     return model.eval()
+
+
+_FLOAT_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def is_bitflux_dir(path: str | os.PathLike) -> bool:

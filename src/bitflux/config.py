@@ -7,8 +7,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import Any
 
-QUANT_METHOD = "bitflux"
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+
+class QuantMethod(str, Enum):
+    """The `quant_method` diffusers dispatches on (its backends' configs carry an Enum here)."""
+
+    BITFLUX = "bitflux"
+
+
+QUANT_METHOD = QuantMethod.BITFLUX.value
 
 
 class PackFormat(str, Enum):
@@ -56,23 +66,57 @@ class Backend(str, Enum):
 FORMAT_VERSIONS: dict[PackFormat, int] = {PackFormat.TWO_BIT: 1, PackFormat.BASE3: 1}
 
 
-@dataclass(frozen=True)
-class QuantConfig:
-    """What `bitflux.quantize` does, and what a checkpoint's `quantization_config` records."""
+@dataclass
+class QuantConfig(QuantizationConfigMixin):
+    """What `bitflux.quantize` does, and what a checkpoint's `quantization_config` records.
+
+    It is also diffusers' quantization config for the bitflux backend (`BitfluxConfig`):
+    `FluxTransformer2DModel.from_pretrained(src, quantization_config=BitfluxConfig(...))`
+    ternarises while loading, and a bitflux checkpoint's config.json round-trips through it.
+    """
+
+    quant_method: QuantMethod = field(default=QuantMethod.BITFLUX, init=False, repr=False, compare=False)  # diffusers reads it
 
     format: PackFormat = PackFormat.TWO_BIT  # storage/packing of the ternary codes
     init: InitMethod = InitMethod.ABSMEAN  # how codes and scales are derived from the weights
     activations: ActPrecision = ActPrecision.BF16  # activation precision at inference
-    policy: str = "flux"  # name of the module policy (bitflux.policies)
-    modules_not_converted: tuple[str, ...] = field(default_factory=tuple)  # filled by quantize()
-    source: str = ""  # where the full-precision model came from (pipeline dir, hub id, bundled name)
+    policy: str = "auto"  # module policy name (bitflux.policies); "auto": the one for the model's class
+    modules_not_converted: tuple[str, ...] = field(default_factory=tuple)  # filled when quantising
+    source: str = ""  # where the full-precision model came from (absolute path, hub id, bundled name)
 
     def __post_init__(self) -> None:
         # Accept plain strings (from JSON or the CLI) and normalise them to the enums.
-        object.__setattr__(self, "format", PackFormat(self.format))
-        object.__setattr__(self, "init", InitMethod(self.init))
-        object.__setattr__(self, "activations", ActPrecision(self.activations))
-        object.__setattr__(self, "modules_not_converted", tuple(self.modules_not_converted))
+        self.format = PackFormat(self.format)
+        self.init = InitMethod(self.init)
+        self.activations = ActPrecision(self.activations)
+        self.modules_not_converted = tuple(self.modules_not_converted)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """From a config.json `quantization_config` (diffusers calls this); unknown keys are refused."""
+        known = {"format", "init", "activations", "policy", "modules_not_converted", "source"}
+        d = {k: v for k, v in {**config_dict, **kwargs}.items() if k in known}
+        cfg = cls(**d)
+        return (cfg, {}) if return_unused_kwargs else cfg
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the given known fields (diffusers' config API); returns the unused keys."""
+        unused = {}
+        for k, v in kwargs.items():
+            if k in {"format", "init", "activations", "policy", "source"}:
+                setattr(self, k, v)
+            else:
+                unused[k] = v
+        self.__post_init__()
+        return unused
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __repr__(self) -> str:
+        return f"BitfluxConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
     def to_dict(self) -> dict:
         """The `quantization_config` entry of config.json."""
@@ -87,3 +131,6 @@ class QuantConfig:
             "modules_not_converted": list(d["modules_not_converted"]),
             "source": self.source,
         }
+
+
+BitfluxConfig = QuantConfig  # the name diffusers users know it by

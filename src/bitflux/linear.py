@@ -88,6 +88,14 @@ class TernaryLinear(nn.Module):
         """diag(scale) T as a dense (N, K) tensor (for tests and tools; the forward never builds it)."""
         return (self.codes().float() * self.scale.float()[:, None]).to(dtype)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply to everything; dtype casts (.half(), .to(dtype)) never touch the packed scales."""
+        scale = self.scale
+        super()._apply(fn, recurse)
+        if self.scale.dtype != scale.dtype:
+            self.scale = scale.to(self.scale.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         return kernels.ternary_linear(
             x,
