@@ -29,7 +29,7 @@ work dir's config.json refuses a mismatched resume). A killed run re-run with th
 finished blocks and continues with the next one; since each block's batches are a pure function of
 (seed, block, step), the result equals an uninterrupted run's.
 
-Scale notes (FLUX.1-dev on one 80 GB GPU; see bench/calib_memory.py for measured numbers):
+Scale notes (FLUX.1-dev on one 80 GB GPU; see research/calib_memory.py for measured numbers):
 - the teacher may stay bf16 on the GPU (23.8 GB) and is never cast; block inputs are cast to the
   student's fp32 when handed to the student block;
 - the student (`build_student` is a deep fp32 copy: ~47 GB of latents) should live in CPU memory:

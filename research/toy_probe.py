@@ -7,7 +7,7 @@ same data seed, batch order and noise. Early scores only rank options roughly: o
 10 minutes on the 2-core CPU, and with 32 images per category a category moves by +-0.08 by chance.
 Prints a table and writes bench/results/toy-probe.json.
 
-    python bench/toy_probe.py --steps 2500 --rows base logit_mean=0.7 partial_captions=0.25
+    python research/toy_probe.py --steps 2500 --rows base logit_mean=0.7 partial_captions=0.25
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from bitflux.toy.build import ToyConfig, build_pipeline
 from bitflux.toy.data import make_data
 from bitflux.toy.train import TrainConfig, encode_latents, train_flow
 from bitflux.toy.world import CATEGORIES, HELDOUT_COLOR_SHAPE, parse_prompt
+from common import RESULTS
 from overrides import parse_row
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("--n-scenes", type=int, default=30_000)
     ap.add_argument("--rows", nargs="+", default=["base", "logit_mean=0.7", "partial_captions=0.25"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/toy-probe.json")
+    ap.add_argument("--out", default=str(RESULTS / "toy-probe.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []

@@ -8,7 +8,7 @@ a perfect one gives 1.0 on the diagonal. It also scores bare-relation prompts ("
 left", see `bitflux toy train --absolute-positions`): is the object at the named edge? Prints a
 table and writes JSON.
 
-    python bench/toy_relations.py toy --out bench/results/toy-relations.json
+    python research/toy_relations.py toy --out bench/results/toy-relations.json
 """
 
 from __future__ import annotations

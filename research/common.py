@@ -1,4 +1,4 @@
-"""What the bench scripts share: the bundled calibration recipe at probe scale, and writing results."""
+"""What the research scripts share: the bundled calibration recipe at probe scale, and writing results."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from bitflux.calibrate import CalibConfig
-from bitflux.calibrate_cmd import eval_settings
+from bitflux.calibrate.command import eval_settings
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"  # where every script writes by default
 
 
 def bundled_probe_config(prompts: int = 128, steps: int = 400) -> CalibConfig:

@@ -7,7 +7,7 @@ scales), and measures on CPU
     and Adam moments after a real step;
   * activation memory of one training step (batch 1) at small token counts, as peak-RSS growth
     (/proc/self/status VmHWM, reset through /proc/self/clear_refs) minus the gradients, with and
-    without `grad_checkpoint` (children of the block checkpointed, see calibrate_blockwise);
+    without `grad_checkpoint` (children of the block checkpointed, see bitflux/calibrate/blockwise.py);
   * the exact bytes autograd saves for backward (saved_tensors_hooks, unique storages) at two
     token counts, whose difference gives the per-token activation rate;
   * the teacher block's no-grad forward peak, and wall time per step (1 thread, information only).
@@ -24,7 +24,7 @@ Then it derives the per-GPU memory of block-wise calibration of FLUX.1-dev, the 
 requirement, and a FLOP-based GPU-hour estimate for 7,232 prompts (assumptions printed).
 Writes bench/results/calib_memory.json. Runs in ~3 min on a busy 2-core box (two processes in parallel), < 7 GB RAM each.
 
-    python bench/calib_memory.py
+    python research/calib_memory.py
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ AXES = (16, 56, 56)
 TOKENS = ((64, 16), (192, 48))  # (image, text) token counts: training step at the first, saved bytes at both
 TARGET = (4096, 512)  # 1024x1024: 64x64 packed latents, T5 max_sequence_length 512
 GB = 1e9
-RESULTS = Path(__file__).resolve().parent / "results" / "calib_memory.json"
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "calib_memory.json"
 
 
 # ----------------------------------------------------------------------------------- measurement
@@ -78,8 +78,10 @@ def measure(kind: str) -> dict[str, Any]:
     )
     from torch import nn
 
-    from bitflux.calibrate import CalibConfig, _FakeTernaryLinear, build_student
-    from bitflux.calibrate_blockwise import _Checkpointed, block_loss, checkpoint_children
+    from bitflux.calibrate import CalibConfig
+    from bitflux.calibrate.blockwise import _Checkpointed, checkpoint_children
+    from bitflux.calibrate.losses import block_loss
+    from bitflux.calibrate.student import FakeTernaryLinear, build_student
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -121,7 +123,7 @@ def measure(kind: str) -> dict[str, Any]:
     del holder, blk
     gc.collect()
     sblk = (student.transformer_blocks if kind == "double" else student.single_transformer_blocks)[0]
-    fakes = [m for m in sblk.modules() if isinstance(m, _FakeTernaryLinear)]
+    fakes = [m for m in sblk.modules() if isinstance(m, FakeTernaryLinear)]
     params = [p for p in sblk.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3)
     build_s = time.perf_counter() - t0

@@ -6,7 +6,7 @@ that record the same trajectories share one teacher recording), and scores each 
 prompts x 1 seed with PSNR to the full-precision model at the same seeds; seconds exclude scoring. At this size the overall ratio moves by several points by chance; PSNR is the
 steadier signal. Prints a table and writes bench/results/calib-probe.json.
 
-    python bench/calib_probe.py --rows base lr=0.004 lr=0.001 batch=32 train=full train=all
+    python research/calib_probe.py --rows base lr=0.004 lr=0.001 batch=32 train=full train=all
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 from bitflux.ablate import run_sweep
 from bitflux.calibrate import CalibConfig
-from bitflux.calibrate_cmd import eval_settings
-from common import write_json
+from bitflux.calibrate.command import eval_settings
+from common import RESULTS, write_json
 from overrides import parse_row
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/calib-probe.json")
+    ap.add_argument("--out", default=str(RESULTS / "calib-probe.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe_kwargs, traj_steps = eval_settings("toy")

@@ -7,7 +7,7 @@ and per-row twn after an input-side rotation (a random-sign Hadamard and a rando
 matrix: W x = (W R)(R^T x), as QuIP#/QuaRot do). These are initial errors before calibration;
 a lever that does not lower them much will not add many dB after it. Prints a table, writes JSON.
 
-    python bench/layer_error.py --out bench/results/layer-error.json
+    python research/layer_error.py --out bench/results/layer-error.json
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import math
 import torch
 
 from bitflux.calibrate import CalibConfig
-from bitflux.calibrate_cmd import eval_settings
-from bitflux.calibrate_record import _batch, record_states
+from bitflux.calibrate.command import eval_settings
+from bitflux.calibrate.states import batch_calls, record_states
 from bitflux.eval.runner import load_model, load_prompts
 from bitflux.policies import get_policy
 from bitflux.ternary import dequantize, ternarize
-from common import write_json
+from common import RESULTS, write_json
 
 VARIANTS = ("row", "group32", "hadamard", "orthogonal")
 
@@ -59,7 +59,7 @@ def measure(n_prompts: int, max_rows: int, seed: int = 0) -> dict[str, dict[str,
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
-    model(**_batch(calls, list(range(0, len(calls), max(1, len(calls) // 64)))[:64]), return_dict=False)
+    model(**batch_calls(calls, list(range(0, len(calls), max(1, len(calls) // 64)))[:64]), return_dict=False)
     for h in handles:
         h.remove()
     g = torch.Generator().manual_seed(seed)
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="training prompts whose states feed the layers")
     ap.add_argument("--rows", type=int, default=4096, help="input rows kept per layer")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/layer-error.json")
+    ap.add_argument("--out", default=str(RESULTS / "layer-error.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = measure(args.n, args.rows)

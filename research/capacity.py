@@ -5,10 +5,10 @@ weights as s * clip(round(U), -L, L) (2L + 1 levels, log2(2L + 1) bits; L = 1 is
 student exactly as `bitflux calibrate` trains it), one shared teacher recording, and scores each
 trained student (before packing: L > 1 has no trunk format) on held-out prompts like `bitflux eval`:
 per-category ratios, overall ratio with its 95 % interval, PSNR and verdict agreement to the
-full-precision toy at the same seeds. Read it beside bench/fragility.py: it says how much fidelity
+full-precision toy at the same seeds. Read it beside research/fragility.py: it says how much fidelity
 more weight precision buys at this width, under the same training. Prints a table, writes JSON.
 
-    python bench/capacity.py --levels 1 2 3 7 --out bench/results/capacity-probe.json
+    python research/capacity.py --levels 1 2 3 7 --out bench/results/capacity-probe.json
 
 For L > 1 the step of each row is the mean-squared-error optimum over a grid (the latent U is w / step,
 so the rounding boundaries sit at +-0.5, +-1.5, ...); the training code is calibrate's, with only the
@@ -24,20 +24,21 @@ import time
 import torch
 from torch import nn
 
-import bitflux.calibrate as cal
-import bitflux.calibrate_student as cal_student
-from bitflux.calibrate import CalibConfig, calibrate, record_states
+from bitflux.calibrate import api as cal_api
+from bitflux.calibrate import student as cal_student
+from bitflux.calibrate import CalibConfig, calibrate
+from bitflux.calibrate.states import record_states
 from bitflux.eval.fragility import compare
 from bitflux.eval.runner import EvalConfig, as_pipeline, generate, load_model, load_prompts, score_images
 from bitflux.toy.world import CATEGORIES
 from bitflux.toy.world import prompts as world_prompts
-from common import bundled_probe_config, write_json
+from common import RESULTS, bundled_probe_config, write_json
 
 
 def _levels_linear(levels: int) -> type:
-    """A drop-in for calibrate's `_FakeTernaryLinear` with weights s * clip(round(U), -levels, levels)."""
+    """A drop-in for calibrate's `FakeTernaryLinear` with weights s * clip(round(U), -levels, levels)."""
 
-    class FakeLevelsLinear(cal_student._FakeTernaryLinear):
+    class FakeLevelsLinear(cal_student.FakeTernaryLinear):
         def __init__(self, linear: nn.Linear, init) -> None:
             super().__init__(linear, init)
             w = linear.weight.detach().float()
@@ -58,14 +59,14 @@ def _levels_linear(levels: int) -> type:
 
 def train_student(pipe, prompts: list[str], config: CalibConfig, levels: int, calls) -> nn.Module:
     """calibrate()'s joint training with `levels`; returns the trained float student (not packed)."""
-    fake, final = cal_student._FakeTernaryLinear, cal.finalize  # build_student and calibrate look them up there
+    fake, final = cal_student.FakeTernaryLinear, cal_api.finalize  # build_student (student.py) and calibrate (api.py) look them up there
     if levels > 1:
-        cal_student._FakeTernaryLinear = _levels_linear(levels)
-    cal.finalize = lambda _teacher, student, _config, _source="": student.eval()
+        cal_student.FakeTernaryLinear = _levels_linear(levels)
+    cal_api.finalize = lambda _teacher, student, _config, _source="": student.eval()
     try:
         student, _ = calibrate(pipe, prompts, config, progress=False, calls=calls)
     finally:
-        cal_student._FakeTernaryLinear, cal.finalize = fake, final
+        cal_student.FakeTernaryLinear, cal_api.finalize = fake, final
     return student
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=96, help="held-out prompts scored")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/capacity-probe.json")
+    ap.add_argument("--out", default=str(RESULTS / "capacity-probe.json"))
     args = ap.parse_args()
     if any(level < 1 for level in args.levels):
         ap.error("--levels must be >= 1")

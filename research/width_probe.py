@@ -8,7 +8,7 @@ teacher on held-out prompts (PSNR, verdict agreement, per-category and overall r
 toys score lower than the bundled one, so read the PSNR columns first: they say how close a
 ternary student of each width gets to its own teacher under the same training.
 
-    python bench/width_probe.py --heads 4 8 --steps 3000 --work /tmp/width --out bench/results/width-probe.json
+    python research/width_probe.py --heads 4 8 --steps 3000 --work /tmp/width --out bench/results/width-probe.json
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from bitflux.eval.runner import EvalConfig, generate, load_model, load_prompts, 
 from bitflux.toy.build import ToyConfig
 from bitflux.toy.train import TrainConfig, train
 from bitflux.toy.world import prompts as world_prompts
-from common import bundled_probe_config, write_json
+from common import RESULTS, bundled_probe_config, write_json
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", required=True, help="directory for the trained toys (reused if present)")
-    ap.add_argument("--out", default="bench/results/width-probe.json")
+    ap.add_argument("--out", default=str(RESULTS / "width-probe.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     config = bundled_probe_config(128, args.calib_steps)

@@ -7,7 +7,7 @@ and the guided velocity v = u + g d the sampler uses. `gain` = <d_s, d_t> / |d_t
 student applies the teacher's guidance at full strength); nmse(x) = |x_s - x_t|^2 / |x_t|^2.
 Prints a table per timestep and writes JSON.
 
-    python bench/cfg_gain.py toy-1.58bit --prompts heldout --out bench/results/cfg-gain-bundled.json
+    python research/cfg_gain.py toy-1.58bit --prompts heldout --out bench/results/cfg-gain-bundled.json
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import argparse
 import torch
 
 from bitflux.calibrate import CalibConfig
-from bitflux.calibrate_cmd import eval_settings
-from bitflux.calibrate_record import _batch, cfg_pairs, record_states
+from bitflux.calibrate.command import eval_settings
+from bitflux.calibrate.states import batch_calls, cfg_pairs, record_states
 from bitflux.eval.runner import load_model, load_prompts
-from common import write_json
+from common import RESULTS, write_json
 
 COLUMNS = ("gain", "nmse_d", "nmse_c", "nmse_u", "nmse_v", "d_share")
 
@@ -35,7 +35,7 @@ def measure(model: str, split: str, n: int) -> dict[float, dict[str, float]]:
     teacher_pipe, student = load_model("toy"), load_model(model).transformer.eval()
     kwargs, steps = eval_settings("toy")
     config = CalibConfig(pipe_kwargs=kwargs, traj_steps=steps)
-    g = config.guidance_scale()
+    g = float(kwargs.get("true_cfg_scale", 1.0))  # the real-CFG scale the trajectories use (1: no guidance)
     teacher_pipe.set_progress_bar_config(disable=True)
     calls = record_states(teacher_pipe, [it.text for it in load_prompts(split, n)], config, progress=False)
     pairs, teacher = cfg_pairs(calls), teacher_pipe.transformer.float().eval()
@@ -43,7 +43,7 @@ def measure(model: str, split: str, n: int) -> dict[float, dict[str, float]]:
     counts: dict[float, int] = {}
     for a in range(0, len(pairs), 32):
         part = pairs[a : a + 32]
-        kw = _batch(calls, [c for c, _ in part] + [u for _, u in part])
+        kw = batch_calls(calls, [c for c, _ in part] + [u for _, u in part])
         t_out, s_out = (m(**kw, return_dict=False)[0].float() for m in (teacher, student))
         h = len(part)
         (tc, tu), (sc, su) = (t_out[:h], t_out[h:]), (s_out[:h], s_out[h:])
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--prompts", default="heldout", choices=["heldout", "train"])
     ap.add_argument("--n", type=int, default=48, help="prompts (one trajectory each)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/cfg-gain.json")
+    ap.add_argument("--out", default=str(RESULTS / "cfg-gain.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = measure(args.model, args.prompts, args.n)

@@ -8,8 +8,8 @@ paired bootstrap interval. Read a student's row beside the noise row of similar 
 noise that close to the teacher already loses a category, that category measures the teacher's
 fragility, not the calibration. Prints a table and writes JSON.
 
-    python bench/fragility.py toy-1.58bit --sigmas 0 0.05 0.1 0.2 0.3 --out bench/results/fragility-default.json
-    python bench/fragility.py toy-1.58bit --n 192 --seeds 8 --prompt-seed 1 --out bench/results/fragility-larger.json
+    python research/fragility.py toy-1.58bit --sigmas 0 0.05 0.1 0.2 0.3 --out bench/results/fragility-default.json
+    python research/fragility.py toy-1.58bit --n 192 --seeds 8 --prompt-seed 1 --out bench/results/fragility-larger.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from bitflux.eval.fragility import fragility_rows
 from bitflux.eval.runner import EvalConfig, load_prompts
 from bitflux.toy.world import CATEGORIES
-from common import write_json
+from common import RESULTS, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-seed", type=int, default=0)
     ap.add_argument("--noise-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/fragility.json")
+    ap.add_argument("--out", default=str(RESULTS / "fragility.json"))
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args(argv)
     if any(s < 0 for s in args.sigmas) or args.n < 1 or args.seeds < 1:
