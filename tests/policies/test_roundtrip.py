@@ -35,6 +35,7 @@ def test_save_then_from_pretrained_round_trip(name: str, tmp_path) -> None:
         assert torch.equal(m.qweight, _ternary(q)[n].qweight) and torch.equal(m.scale, _ternary(q)[n].scale)
     y = forward(loaded, kw)
     assert torch.equal(y, forward(q, kw))
+    assert torch.equal(forward(bitflux.load(out, backend="reference"), kw), y)  # bitflux's own front-end too
     torch.testing.assert_close(y, forward(dequantized_reference(float_model, q), kw), rtol=1e-4, atol=1e-5)
 
     again = tmp_path / "again"
