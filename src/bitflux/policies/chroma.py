@@ -1,4 +1,4 @@
-"""Chroma policy: ternarise every Linear inside the double- and single-stream blocks.
+"""Chroma policy: ternarise every Linear inside the double- and single-stream blocks (96.70 % ternary).
 
 Kept: `distilled_guidance_layer`, the small MLP that computes every block's modulation (an error
 there reaches all 57 blocks), the x/context embedders and `proj_out`.
