@@ -15,12 +15,18 @@ from .config import CalibConfig
 
 
 def record_states(
-    pipe, prompts: list[str], config: CalibConfig, progress: bool = True, batch: int = 16
+    pipe,
+    prompts: list[str],
+    config: CalibConfig,
+    progress: bool = True,
+    batch: int = 16,
+    embeds: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Run the teacher pipeline on the prompts and record every transformer call's inputs.
 
     Returns one entry per sample and call (a batched call is split along its batch dimension;
     the 2-D position ids are shared). Prompt i always gets the noise of seed (config.seed, i).
+    `embeds` (embeddings.encode_prompts of the same prompts) replaces the text encoders.
     """
     calls: list[dict[str, torch.Tensor]] = []
 
@@ -42,8 +48,13 @@ def record_states(
             kwargs = dict(config.pipe_kwargs)
             if "negative_prompt" in kwargs and isinstance(kwargs["negative_prompt"], str):
                 kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(part)
+            text: dict = {"prompt": part}
+            if embeds is not None:  # cached embeddings: the text encoders may be gone
+                kwargs.pop("negative_prompt", None)
+                kwargs.pop("max_sequence_length", None)
+                text = {k: v[i : i + batch] for k, v in embeds.items()}
             with torch.no_grad():
-                pipe(part, num_inference_steps=config.traj_steps, generator=gens, output_type="latent", **kwargs)
+                pipe(**text, num_inference_steps=config.traj_steps, generator=gens, output_type="latent", **kwargs)
     finally:
         handle.remove()
     return calls

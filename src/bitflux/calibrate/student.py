@@ -55,21 +55,60 @@ class FakeTernaryLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-def build_student(teacher: nn.Module, config: CalibConfig) -> nn.Module:
-    """A float copy of `teacher` whose policy-selected Linears are `FakeTernaryLinear`s."""
-    student = copy.deepcopy(teacher).float()
-    convert, _ = get_policy("flux").select(student)
+def _make_student(module: nn.Module, convert: list[str], config: CalibConfig) -> nn.Module:
+    """Turn the Linears named `convert` of an fp32 `module` into fake-ternary ones; set what trains."""
     for name in convert:
-        _set_submodule(student, name, FakeTernaryLinear(student.get_submodule(name), config.init))
-    for p in student.parameters():
+        _set_submodule(module, name, FakeTernaryLinear(module.get_submodule(name), config.init))
+    for p in module.parameters():
         p.requires_grad_(config.train is TrainWhat.FULL)  # the kept layers train only in `full`
-    for m in student.modules():
+    for m in module.modules():
         if isinstance(m, FakeTernaryLinear):
             m.scale.requires_grad_(True)
             m.latent.requires_grad_(config.train is not TrainWhat.SCALES)
             if m.bias is not None:
                 m.bias.requires_grad_(config.train in (TrainWhat.ALL, TrainWhat.FULL))
-    return student
+    return module
+
+
+def build_student(teacher: nn.Module, config: CalibConfig) -> nn.Module:
+    """A float copy of `teacher` whose policy-selected Linears are `FakeTernaryLinear`s."""
+    student = copy.deepcopy(teacher).float()
+    convert, _ = get_policy("flux").select(student)
+    return _make_student(student, list(convert), config)
+
+
+def converted_in(model: nn.Module, prefix: str) -> list[str]:
+    """The policy-selected Linears of `model` under `prefix.`, named relative to it (works on meta models)."""
+    convert, _ = get_policy("flux").select(model)
+    return [n[len(prefix) + 1:] for n in convert if n.startswith(prefix + ".")]
+
+
+def build_student_block(teacher_block: nn.Module, convert: list[str], config: CalibConfig) -> nn.Module:
+    """The student of one teacher block (an fp32 copy of that block only; see `build_student`)."""
+    return _make_student(copy.deepcopy(teacher_block).float(), convert, config)
+
+
+def _ternary_like(m: FakeTernaryLinear, fmt, dtype: torch.dtype, device) -> TernaryLinear:
+    """The trunk-format TernaryLinear of a trained fake-ternary layer (bias in `dtype`)."""
+    tl = TernaryLinear(m.in_features, m.out_features, m.bias is not None, fmt=fmt, dtype=dtype, device=device)
+    sign = torch.where(m.scale.detach() < 0, -1, 1).to(torch.int8)  # keep s * T when s < 0
+    tl.set_codes(m.codes() * sign[:, None], m.scale.detach().abs())
+    if tl.bias is not None:
+        tl.bias.data.copy_(m.bias.detach())
+    return tl
+
+
+def finalize_block(teacher_block: nn.Module, student_block: nn.Module, config: CalibConfig) -> nn.Module:
+    """A trunk-format copy of one teacher block: ternary layers from the student, the rest the teacher's.
+
+    The kept tensors stay in the teacher's stored dtype, so the result takes that dtype's inputs.
+    """
+    block = copy.deepcopy(teacher_block)
+    for name, m in list(student_block.named_modules()):
+        if isinstance(m, FakeTernaryLinear):
+            old = block.get_submodule(name)
+            _set_submodule(block, name, _ternary_like(m, config.format, old.weight.dtype, old.weight.device))
+    return block
 
 
 def finalize(teacher: nn.Module, student: nn.Module, config: CalibConfig, source: str = "") -> nn.Module:
