@@ -10,9 +10,18 @@ from ..errors import BitfluxError
 _MODULES = {"cpu": "bitflux.bench.cpu", "cuda": "bitflux.bench.gpu"}
 
 
+def _parts(extra: list[str]) -> set[str]:
+    """The --parts values among the device benchmark's options."""
+    vals = [b for a, b in zip(extra, extra[1:]) if a == "--parts"] + [a.split("=", 1)[1] for a in extra if a.startswith("--parts=")]
+    return {p.strip() for v in vals for p in v.split(",") if p.strip()}
+
+
 def _bench(args: argparse.Namespace) -> int:
+    module = _MODULES[args.device]
+    if "calibrate-scale" in _parts(args.extra):  # block-wise calibration of a FLUX.1-dev-shaped model (CPU)
+        module = "bitflux.bench.calibrate_scale"
     try:
-        mod = importlib.import_module(_MODULES[args.device])
+        mod = importlib.import_module(module)
     except ImportError as e:
         raise BitfluxError(f"the {args.device} benchmark cannot be imported: {e}") from None
     parser = argparse.ArgumentParser(prog=f"bitflux bench --device {args.device}")
