@@ -17,10 +17,8 @@ from .archs import ARCHS, FLUX_DEV_CONFIG, build_meta_model  # noqa: F401 (FLUX_
 from .checkpoint import (
     is_bitflux_dir,
     quant_config_from,
-    read_json,
     state_to_save,
     stored_float_dtype,
-    stored_tensor_bytes,
     tensor_bytes,
     weight_files,
 )
@@ -83,15 +81,33 @@ def inspect_path(path: str | Path, qconfig: QuantConfig) -> dict[str, Any]:
     path = Path(path)
     if (path / "model_index.json").is_file():
         path = path / "transformer"
-    config = read_json(path / "config.json")
-    quantised = is_bitflux_dir(path)
-    if quantised:
+    from .checkpoint import INDEX_NAME
+    from .integrity import verify
+    from .safeio import read_json_object
+    from .tensorcheck import check_headers, check_index_headers, expected_state, read_headers
+    from .validate import check_index, check_model_config, check_quantization_config
+
+    config = read_json_object(path / "config.json")
+    check_model_config(config, path / "config.json")  # before building anything from it
+    quantised = "quantization_config" in config
+    if quantised:  # a bitflux one (another backend's is refused: its sizes are not ours to report)
+        check_quantization_config(config["quantization_config"], path / "config.json")
+        verify(path, config, contents=False)  # config hash and file sizes: cheap, no tensor bytes read
         qconfig = quant_config_from(config, path)
+    files = weight_files(path)
+    headers = read_headers(files)  # the stored tensors must be what the config describes
+    if (path / INDEX_NAME).exists():
+        index = read_json_object(path / INDEX_NAME)
+        check_index_headers(check_index(index, path / INDEX_NAME), headers, index.get("metadata", {}).get("total_size"), path / INDEX_NAME)
     dtype = stored_float_dtype(path)  # kept layers stay in the stored dtype, as `quantize` does
-    report = {"model": str(path), "quantized": quantised, **size_report(_quantized_meta(config, qconfig, dtype))}
+    model = _quantized_meta(config, qconfig, dtype)
+    if quantised:
+        check_headers(expected_state(model), headers, path)
+    else:  # a dense model: names and shapes as the config says, float dtypes may mix
+        check_headers(expected_state(build_meta_model(config, dtype)), headers, path, one_float_dtype=False)
+    report = {"model": str(path), "quantized": quantised, **size_report(model)}
     if quantised:  # what is really on disk: tensors by their headers, and whole files
-        files = weight_files(path)
-        report["stored_bytes"] = stored_tensor_bytes(files)
+        report["stored_bytes"] = sum(h.nbytes for h in headers.values())
         report["disk_bytes"] = sum(f.stat().st_size for f in files)
     return report
 

@@ -88,12 +88,15 @@ def check_headers(
     expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     headers: Mapping[str, Header],
     where: str | os.PathLike,
+    *,
+    one_float_dtype: bool = True,
 ) -> torch.dtype | None:
     """Refuse stored tensors that disagree with the model; returns the checkpoint's float dtype.
 
     Packed layers (`P.qweight` with `P.scale`) must be U8 codes and BF16 scales; every other
     tensor the model holds as a float must be stored in one float dtype, the one returned
-    (None if there is none); non-float tensors must have their exact dtype.
+    (None if there is none; `one_float_dtype=False` allows a mix, as dense diffusers models
+    that keep some modules in fp32 have); non-float tensors must have their exact dtype.
     """
     missing = sorted(set(expected) - set(headers))
     extra = sorted(set(headers) - set(expected))
@@ -119,7 +122,7 @@ def check_headers(
                 raise CheckpointError(f"{h.file}: {name} is stored as {h.dtype}, expected a float dtype ({'/'.join(FLOAT_DTYPES)})")
             if float_dtype is None:
                 float_dtype, first_float = h.dtype, name
-            want = float_dtype
+            want = float_dtype if one_float_dtype else h.dtype
             if h.dtype != want:
                 raise CheckpointError(f"{h.file}: {name} is stored as {h.dtype}, but {first_float} as {want} (one float dtype per checkpoint)")
         else:

@@ -196,7 +196,7 @@ def check_quantization_config(qc: Any, where: str | os.PathLike) -> None:
             f"{where}: {fmt.value} format version {_show(version)} is not supported (this bitflux reads version {FORMAT_VERSIONS[fmt]})"
         )
     for key, enum in (("init", InitMethod), ("activations", ActPrecision)):
-        if key in qc and qc[key] not in {e.value for e in enum}:
+        if key in qc and (not isinstance(qc[key], str) or qc[key] not in {e.value for e in enum}):
             raise CheckpointError(f"{where}: quantization_config.{key} must be one of {[e.value for e in enum]}, got {_show(qc[key])}")
     for key in ("policy", "source"):
         if key in qc and not isinstance(qc[key], str):
