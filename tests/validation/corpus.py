@@ -8,9 +8,12 @@ says whether the integrity record is recomputed afterwards, as a tool that rewro
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
+import signal
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+import bitflux
+from bitflux.cli import main
 from bitflux.integrity import DEFAULT_ALGORITHM, config_digest, file_digest
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -399,3 +404,87 @@ def _index_cases() -> list[Case]:
 
 def all_cases() -> list[Case]:
     return _config_cases() + _file_cases() + _header_cases() + _value_cases() + _index_cases()
+
+
+# ------------------------------------------------------------------------------ clean models
+def build_clean(root: Path) -> dict:
+    """Per format: a sealed checkpoint of the bundled toy, a sharded copy, their output and inspect report."""
+    from diffusers import FluxTransformer2DModel
+
+    from bitflux.toy import bundled_path
+
+    toy = bundled_path("toy")
+    out = {}
+    for fmt in ("2bit", "base3"):
+        full = FluxTransformer2DModel.from_pretrained(toy / "transformer")
+        model = bitflux.quantize(full, bitflux.QuantConfig(format=fmt, source=str(toy)))
+        single = bitflux.save(model, root / fmt)
+        sharded = bitflux.save(model, root / f"{fmt}-sharded", max_shard_bytes=300_000)
+        assert len(list(sharded.glob("*.safetensors"))) > 1
+        y = forward(bitflux.load(single))
+        assert torch.isfinite(y).all()
+        assert torch.equal(forward(bitflux.load(sharded)), y)
+        out[fmt] = {
+            "single": single,
+            "sharded": sharded,
+            "output": y,
+            "single-inspect": inspect_json(single)[1],
+            "sharded-inspect": inspect_json(sharded)[1],
+        }
+    return out
+
+
+def forward(model) -> torch.Tensor:
+    """One transformer forward on fixed random inputs."""
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        return model(
+            hidden_states=torch.randn(1, 9, c.in_channels, generator=g).to(dtype),
+            encoder_hidden_states=torch.randn(1, 4, c.joint_attention_dim, generator=g).to(dtype),
+            pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g).to(dtype),
+            timestep=torch.tensor([0.5], dtype=dtype),
+            img_ids=torch.zeros(9, 3),
+            txt_ids=torch.zeros(4, 3),
+        ).sample
+
+
+def inspect_json(path: Path) -> tuple[int, dict | str]:
+    """`bitflux inspect PATH --json` in-process: (0, report without its path) or (rc, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(["inspect", str(path), "--json"])
+        except SystemExit as e:
+            rc = e.code
+    if rc == 0:
+        report = json.loads(out.getvalue())
+        report.pop("model", None)
+        return rc, report
+    return rc, err.getvalue().strip()
+
+
+class Hang(Exception):
+    """A case ran past its deadline."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise Hang in this thread after `seconds` (SIGALRM interrupts a blocking open/read too)."""
+
+    def fire(signum, frame):
+        raise Hang(f"no result after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def one_line(message: str) -> None:
+    """An error message fit for the CLI: one line, no traceback."""
+    assert message and "\n" not in message.strip() and "Traceback" not in message, message

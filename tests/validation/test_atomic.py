@@ -100,3 +100,39 @@ def test_refusals(tmp_path):
     (tmp_path / ".q.tmp-999999999").write_text("junk")
     out, tmp = atomic_dir(tmp_path / "q")
     assert sorted(os.listdir(tmp_path)) == sorted(["exists", "link", tmp.name])
+
+
+_QUANTIZE = """
+import sys
+from diffusers import FluxTransformer2DModel
+import bitflux
+from bitflux.toy import bundled_path
+model = FluxTransformer2DModel.from_pretrained(bundled_path("toy") / "transformer")
+bitflux.quantize(model, bitflux.QuantConfig())
+print("saving", flush=True)
+bitflux.save(model, sys.argv[1], max_shard_bytes=20_000)  # many small shards: a long window to kill in
+"""
+
+
+def test_a_killed_quantize_leaves_nothing_a_later_run_trips_on(tmp_path):
+    out = tmp_path / "q"
+    proc = subprocess.Popen([sys.executable, "-c", _QUANTIZE, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saving"
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".q.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)  # right after the temporary folder appears
+    finally:
+        proc.kill()
+        proc.wait(30)
+    if out.exists():
+        pytest.skip("the save finished before the kill landed")
+    assert len(list(tmp_path.glob(".q.tmp-*"))) == 1
+    from bitflux.cli import main
+
+    assert main(["quantize", "toy", str(out), "--json"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["q"]
+    import bitflux
+
+    bitflux.load(out)
