@@ -89,3 +89,30 @@ def test_fifo_config_through_the_cli(clean, tmp_path):
         last = err.strip().splitlines()[-1]
         assert "is a FIFO" in last and "Traceback" not in err, (name, err)
     assert not (tmp_path / "a.png").exists()
+
+
+_GENERATE_CASES = {  # the silent-wrong generate runs: each must now end in one line, exit 2, no PNG
+    "NaN in a kept bias": "x_embedder.bias[3]=nan resealed",
+    "I32 header on a ternary layer's bias": "header transformer_blocks.0.attn.to_q.bias dtype->I32 resealed",
+    "huge finite scale (top exponent bit)": "scale top exponent bit flipped resealed",
+    "one flipped bit, hash recorded": "bit flip #3",
+}
+
+
+@pytest.mark.parametrize("what", list(_GENERATE_CASES))
+def test_generate_on_a_damaged_checkpoint(clean, tmp_path, capsys, what):
+    from bitflux.cli import main
+
+    case = next(c for c in CASES if c.name == _GENERATE_CASES[what])
+    d = tmp_path / "ck"
+    shutil.copytree(clean["2bit"]["single"], d)
+    case.mutate(d)
+    if case.reseal:
+        reseal(d)
+    out = tmp_path / "a.png"
+    with deadline(CASE_TIMEOUT_S):
+        rc = main(["generate", str(d), "a red circle", "-o", str(out), "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err and "error:" in err[-1], err
+    one_line(err[-1])
+    assert not out.exists()

@@ -163,3 +163,18 @@ def test_values_after_load(model):
     m.transformer_blocks[0].attn.to_q.scale[0] = 3e4
     with pytest.raises(FormatError, match="to_q.scale"):
         check_values(m, "ck")
+
+
+@pytest.mark.parametrize("fmt", ["2bit", "base3"])
+def test_codes_valid_agrees_with_the_packing_checks(fmt):
+    from bitflux.packing import invalid_2bit, invalid_base3, pack
+    from bitflux.tensorcheck import codes_valid
+
+    invalid = invalid_2bit if fmt == "2bit" else invalid_base3
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((1, 1), (3, 7), (17, 33), (64, 250)):
+        packed = pack(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8), fmt)
+        assert codes_valid(packed, fmt) and not invalid(packed)
+    for byte in range(256):  # every byte value alone: both checks say the same
+        t = torch.tensor([[byte]], dtype=torch.uint8)
+        assert codes_valid(t, fmt) == (not invalid(t)), byte
