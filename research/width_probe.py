@@ -9,6 +9,8 @@ toys score lower than the bundled one, so read the PSNR columns first: they say 
 ternary student of each width gets to its own teacher under the same training.
 
     python research/width_probe.py --heads 4 8 --steps 3000 --work /tmp/width --out bench/results/width-probe.json
+
+A smoke run in minutes: --heads 2 --steps 3 --vae-steps 3 --decoder-steps 3 --calib-steps 2 --n 6 --seeds 1.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", type=int, default=[4, 8], help="attention heads of 32 dims (4 = the bundled width 128)")
     ap.add_argument("--steps", type=int, default=3000, help="transformer training steps per toy")
     ap.add_argument("--vae-steps", type=int, default=1000)
+    ap.add_argument("--decoder-steps", type=int, default=400, help="VAE decoder refinement steps (toy train's default)")
     ap.add_argument("--calib-steps", type=int, default=400)
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--seeds", type=int, default=4)
@@ -48,7 +51,7 @@ def main() -> None:
         path = Path(args.work) / f"toy-w{heads * 32}"
         t0 = time.perf_counter()
         if not path.exists():
-            cfg = TrainConfig(steps=args.steps, vae_steps=args.vae_steps, minutes=600, logit_mean=0.7,
+            cfg = TrainConfig(steps=args.steps, vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, minutes=600, logit_mean=0.7,
                               absolute_positions=0.15, canonical_positions=0.5)
             train(path, cfg, resume=(path.parent / f"{path.name}.work").exists(), model_cfg=ToyConfig(width_heads=heads))
         train_s = time.perf_counter() - t0
