@@ -69,13 +69,13 @@ def _generate(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"output path exists: {out} (bitflux never overwrites)")
     if not out.parent.exists():
         raise ModelError(f"output directory does not exist: {out.parent}")
-    _check_model_dir(args.model)
+    check_model_dir(args.model)
     ref = resolve(args.model, args.base)
     _check_fit(ref, args.model)
     patch = _patch_pixels(ref.pipeline)
     argtypes.check_multiple("height", args.height, patch)
     argtypes.check_multiple("width", args.width, patch)
-    transformer = load_transformer(ref, activations=args.activations, backend=args.backend)
+    transformer = load_transformer(ref, activations=args.activations, backend=args.backend, verify=not args.no_verify)
     pipe = load_pipeline(ref, transformer)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +106,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_model_dir(model: str) -> None:
+def check_model_dir(model: str) -> None:
     """A MODEL folder's config.json must be readable JSON before anything classifies it by it."""
     from .pipeline import bundled
     from .safeio import read_json_object
@@ -232,6 +232,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activations", choices=choices(ActPrecision), help="override activation precision")
     p.add_argument("--backend", choices=choices(Backend), help="force a kernel backend (default auto)")
     p.add_argument("--threads", type=argtypes.positive_int, help="CPU threads for torch")
+    p.add_argument("--no-verify", action="store_true", help="skip the check of the checkpoint's recorded file hashes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_generate)
 

@@ -138,3 +138,29 @@ def test_generate_stops_on_non_finite_latents(capsys, tmp_path):
     rc, err = _run(capsys, "generate", str(tmp_path / "t"), "x", "--base", base, "-o", str(out), "--steps", "2")
     _one_line_error(rc, err, "non-finite values at step 1")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "inspect"])
+def test_a_deeply_nested_config_is_one_line_everywhere(capsys, tmp_path, command):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    argv = {"eval": ["eval", str(d), "--n", "1"], "generate": ["generate", str(d), "x", "-o", str(tmp_path / "a.png")], "inspect": ["inspect", str(d)]}
+    _one_line_error(*_run(capsys, *argv[command]), "nested too deeply")
+
+
+def test_generate_no_verify_skips_the_hash_check(capsys, tmp_path):
+    import shutil
+
+    from bitflux.toy import bundled_path
+
+    d = tmp_path / "q"
+    assert main(["quantize", "toy", str(d), "--json"]) == 0
+    capsys.readouterr()
+    (d / "calibration.json").write_text("{}")  # a file the record does not cover
+    base = str(bundled_path("toy"))
+    rc, err = _run(capsys, "generate", str(d), "x", "--base", base, "-o", str(tmp_path / "a.png"), "--steps", "1")
+    _one_line_error(rc, err, "not covered by the recorded hashes")
+    rc, err = _run(capsys, "generate", str(d), "x", "--base", base, "-o", str(tmp_path / "a.png"), "--steps", "1", "--no-verify")
+    assert rc == 0 and (tmp_path / "a.png").exists(), err
+    shutil.rmtree(d)

@@ -38,10 +38,12 @@ def _fmt(res: dict, label: str) -> str:
 
 def _check_model(model: str) -> None:
     """MODEL must be a FLUX transformer (or pipeline) whose widths fit the toy pipeline's encoders/VAE."""
+    from ..commands import check_model_dir
     from ..pipeline import bundled, resolve
     from ..safeio import read_json_object
     from ..validate import check_is_transformer, check_pipeline_fit
 
+    check_model_dir(model)  # a broken config.json is named before anything classifies MODEL by it
     ref = resolve(model, "toy")
     pipeline = bundled(ref.pipeline) or Path(ref.pipeline)
     config_path = Path(ref.transformer) / "config.json" if ref.transformer else pipeline / "transformer" / "config.json"
