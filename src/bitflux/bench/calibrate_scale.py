@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-len", type=int, default=512, help="T5 tokens per prompt (FLUX.1-dev: 512)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--project-prompts", type=int, default=7232, help="prompts of the projected run (the paper's 7,232)")
+    p.add_argument("--project-layers", type=int, default=19, help="double blocks of the projected model (FLUX.1-dev: 19)")
+    p.add_argument("--project-single-layers", type=int, default=38, help="single blocks of the projected model (38)")
     p.add_argument("--project-size", type=int, default=1024, help="resolution of the projected run")
     p.add_argument("--project-traj-steps", type=int, default=8, help="denoising steps per trajectory (calibrate's default)")
     p.add_argument("--project-pool", type=int, default=4096, help="recorded states carried block to block")
@@ -92,7 +94,11 @@ def block_flops(config: dict, size: int, text_len: int) -> dict[str, float]:
 
 
 def project(config: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """FLOPs of the full recipe, by phase, and the H100-hours they take at the assumed MFU."""
+    """FLOPs of the full recipe, by phase, and the H100-hours they take at the assumed MFU.
+
+    The projected model has the measured model's width and `--project-layers` + `--project-single-layers` blocks.
+    """
+    config = {**config, "num_layers": args.project_layers, "num_single_layers": args.project_single_layers}
     f = block_flops(config, args.project_size, args.text_len)
     cfg_calls = 1 if config.get("guidance_embeds") else 2  # FLUX.1-dev: distilled guidance, one call per step
     record = args.project_prompts * args.project_traj_steps * cfg_calls * f["model_forward"]
@@ -107,7 +113,8 @@ def project(config: dict, args: argparse.Namespace) -> dict[str, Any]:
         "per_sample": f,
         "h100_hours": total / rate / 3600,
         "assumptions": {
-            "prompts": args.project_prompts, "size": args.project_size, "traj_steps": args.project_traj_steps,
+            "prompts": args.project_prompts, "size": args.project_size,
+            "blocks": [args.project_layers, args.project_single_layers], "traj_steps": args.project_traj_steps,
             "transformer_calls_per_step": cfg_calls, "pool": args.project_pool,
             "steps_per_block": args.project_steps_per_block, "batch": args.project_batch,
             "h100_bf16_tflops": H100_BF16_TFLOPS, "mfu": args.mfu,
@@ -185,6 +192,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     teacher_gb = _dir_bytes(model_dir) / 1e9
     peak = _rss_gb()
     step_mean = sum(step_s) / len(step_s) if step_s else None
+    # this machine, full depth, at the bench size: the measured step of each block kind times its count
+    kinds = ["double"] * config["num_layers"] + ["single"] * config["num_single_layers"]
+    by_kind = {k: [t for t, kk in zip(step_s, kinds) if kk == k] for k in ("double", "single")}
+    mean = {k: sum(v) / len(v) for k, v in by_kind.items() if v}
+    full_depth_train_h = (
+        (args.project_layers * mean["double"] + args.project_single_layers * mean["single"]) * per / 3600
+        if len(mean) == 2 else None
+    )
     result = {
         "part": "calibrate-scale",
         "model": str(model_dir), "blocks": n_blocks, "double": config["num_layers"], "single": config["num_single_layers"],
@@ -197,6 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "block_step_seconds_mean": round(step_mean, 3) if step_mean else None,
         "block_step_seconds": [round(x, 3) for x in step_s],
         "teacher_block_forward_seconds": round(teacher_block_s, 3),
+        "block_step_seconds_by_kind": {k: round(v, 3) for k, v in mean.items()},
+        "full_depth_train_hours_here": round(full_depth_train_h, 2) if full_depth_train_h else None,
         "block_step_vs_teacher_block_forward": round(step_mean / teacher_block_s, 2) if step_mean else None,
         "flops_per_sample_at_size": flops,
         "ternary_linears": ternary,
@@ -216,7 +233,8 @@ def _table(r: dict[str, Any]) -> str:
         ("time per block-step", f"{r['block_step_seconds_mean']} s = {r['block_step_vs_teacher_block_forward']}x one teacher-block forward ({r['teacher_block_forward_seconds']} s)"),
         ("recording / total", f"{r['record_seconds']} s / {r['total_seconds']} s"),
         ("projected FLOPs", f"{p['flops']['total']:.3e} (record {p['flops']['record']:.2e}, pool {p['flops']['pool_passes']:.2e}, train {p['flops']['train']:.2e})"),
-        ("projected H100-hours", f"{p['h100_hours']:.1f} at MFU {p['assumptions']['mfu']} ({p['assumptions']['prompts']} prompts at {p['assumptions']['size']}²)"),
+        ("train steps, full depth, here", f"{r['full_depth_train_hours_here']} h ({r['steps_per_block']} steps per block at {r['size']}²)"),
+        ("projected H100-hours", f"{p['h100_hours']:.1f} at MFU {p['assumptions']['mfu']} ({p['assumptions']['prompts']} prompts at {p['assumptions']['size']}², {sum(p['assumptions']['blocks'])} blocks)"),
     ]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)

@@ -55,7 +55,9 @@ def calibrate(
     if calls is None:
         calls = record_states(pipe, prompts, config, progress, config.record_batch)
     t_rec = time.perf_counter() - t0
-    teacher = copy.deepcopy(pipe.transformer).float().eval()
+    teacher = pipe.transformer.eval()  # joint training computes in fp32: an fp32 teacher is used as it is
+    if teacher.dtype != torch.float32:  # (block-wise `calibrate_sequential` keeps any stored dtype)
+        teacher = copy.deepcopy(teacher).float().eval()
     if config.mode is Mode.BLOCKWISE:  # resumable per finished block
         per_block = max(1, config.steps // len(blocks(teacher)))
 

@@ -58,17 +58,34 @@ def _finished(out: Path, config: CalibConfig) -> dict | None:
     return stats if isinstance(stats, dict) and stats.get("config") == config.to_dict() else None
 
 
+def _resolution(args: argparse.Namespace, pipe_kwargs: dict) -> tuple[int, int]:
+    """(height, width): the options, else the toy's eval size, else FLUX's 1024; always printed."""
+    default = pipe_kwargs.get("height", 1024), pipe_kwargs.get("width", 1024)
+    h, w = args.height or default[0], args.width or default[1]
+    if h % 16 or w % 16 or h <= 0 or w <= 0:
+        raise BitfluxError(f"--height/--width must be positive multiples of 16, got {h}x{w}")
+    return h, w
+
+
 def _calibrate(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
     from ..checkpoint import save
     from ..inspect import size_report
-    from ..pipeline import load_pipeline, resolve
+    from .resolve import resolve_source
 
     out = Path(args.out)
     work = out.parent / f"{out.name}.partial"
-    ref = resolve(args.src)
-    if ref.transformer is not None:
-        raise ModelError(f"{args.src}: already quantised; calibrate needs the full-precision pipeline")
-    pipe_kwargs, traj_steps = eval_settings(args.src)
+    source = resolve_source(args.src, args.base)
+    pipe_kwargs, traj_steps = eval_settings(args.src if args.src.startswith("toy") or not args.base else args.base)
+    height, width = _resolution(args, pipe_kwargs)
+    pipe_kwargs.update(height=height, width=width)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise BitfluxError(f"--device {args.device}: not a torch device") from None
     config = CalibConfig(
         init=args.init,
         train=args.train,
@@ -98,20 +115,55 @@ def _calibrate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
     if work.exists():  # a damaged or mismatched checkpoint fails before any model is loaded
         WorkDir(work, config)
-    pipe = load_pipeline(ref)
-    pipe.set_progress_bar_config(disable=True)
+    if source.pipeline is None and (config.mode is Mode.JOINT or not (work / "embeddings.safetensors").exists()):
+        raise ModelError(f"{args.src}: a transformer directory needs --base PIPELINE (text encoders, scheduler)")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
-    model, stats = calibrate(pipe, prompts, config, work_dir=work, source=args.src, progress=not args.json)
+    print(f"bitflux: calibrating {args.src} at {height}x{width} on {device} ({config.mode.value})", file=sys.stderr)
+    dtype = _stored_dtype(source.transformer)
+    if config.mode is Mode.BLOCKWISE:  # one teacher block at a time, streamed from its shards
+        from .api import calibrate_sequential
+
+        pipe = _load(source.pipeline, dtype, transformer=None, vae=None) if source.pipeline else None
+        model, stats = calibrate_sequential(source.transformer, prompts, config, work_dir=work, pipe=pipe, device=device,
+                                            source_name=args.src, progress=not args.json, grad_checkpoint=args.grad_checkpoint)
+    else:
+        extra = {}
+        if Path(source.transformer).parent != Path(source.pipeline):  # a bare transformer with --base
+            from diffusers import FluxTransformer2DModel
+
+            extra["transformer"] = FluxTransformer2DModel.from_pretrained(source.transformer)
+        pipe = _load(source.pipeline, None, **extra).to(device)
+        model, stats = calibrate(pipe, prompts, config, work_dir=work, source=args.src, progress=not args.json)
+        torch.nn.Module.to(model, dtype=dtype)  # kept layers in the stored dtype (ternary codes and scales unchanged)
     save(model, out, extra_json={"calibration.json": stats})
     finish_work_dir(work)
     report = {"out": str(out), **stats, **size_report(model)}
     loss = "n/a" if stats["final_loss"] is None else f"{stats['final_loss']:.4g}"
-    text = f"wrote {out}: {stats['prompts']} prompts, {config.steps} steps in {stats['seconds']}s, final loss {loss}"
+    text = f"wrote {out}: {stats['prompts']} prompts, {config.steps} steps at {height}x{width} in {stats['seconds']}s, final loss {loss}"
     print_result(report, args.json, text)
     return 0
+
+
+def _stored_dtype(transformer_dir: str):
+    from ..checkpoint import stored_float_dtype
+
+    return stored_float_dtype(Path(transformer_dir))
+
+
+def _load(pipeline: str, dtype, **components):
+    """The FluxPipeline at `pipeline` (components given as None are not loaded), quietly."""
+    from diffusers import FluxPipeline
+
+    kwargs = dict(components)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        pipe = FluxPipeline.from_pretrained(pipeline, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelError(f"cannot load pipeline {pipeline}: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -125,7 +177,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "OUT.partial/ and re-running the same command continues from the last one; a damaged checkpoint is "
         "reported with the file to delete to start over.",
     )
-    p.add_argument("src", help="full-precision pipeline: bundled name (toy), pipeline directory or hub id")
+    p.add_argument("src", help="full-precision model: bundled name (toy), pipeline directory, transformer directory "
+                   "(with --base) or hub id (local Hugging Face cache only; bitflux never downloads)")
+    p.add_argument("--base", help="pipeline (directory or cached hub id) whose text encoders and scheduler a bare "
+                   "transformer directory SRC uses")
     p.add_argument("out", help="new output directory for the ternary transformer")
     p.add_argument("--prompts", required=True, help="prompt file (one per line) or 'toy' (toy world, train split)")
     p.add_argument("--num-prompts", type=int, default=d.prompts, help=f"prompts used (default {d.prompts})")
@@ -154,6 +209,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts, trajectories, batches")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--height", type=int, help="image height of the teacher trajectories (default: toy's eval size, else 1024)")
+    p.add_argument("--width", type=int, help="image width (default: toy's eval size, else 1024)")
+    p.add_argument("--device", default="cpu", help="torch device that trains (and, block-wise, holds the current block)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="block-wise: recompute each child of the trained "
+                   "block in backward (less memory, more time)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_calibrate)
