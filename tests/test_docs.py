@@ -179,3 +179,22 @@ def test_relative_links_and_anchors_resolve(doc):
         assert path.exists(), f"{doc.name}: link to missing {target}"
         if anchor and path.suffix == ".md":
             assert anchor in _anchors(path), f"{doc.name}: no heading #{anchor} in {path.name}"
+
+
+def test_python_snippets_name_existing_api():
+    """Every `bitflux.X` and `from bitflux... import Y` in README's Python blocks exists."""
+    import importlib
+
+    import bitflux
+
+    blocks = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
+    assert blocks
+    code = "\n".join(blocks)
+    names = set(re.findall(r"\bbitflux\.([A-Za-z_]\w*)", code))
+    assert names >= {"BitfluxConfig", "load", "calibrate", "CalibConfig", "save"}
+    for name in names:
+        assert hasattr(bitflux, name), f"README uses bitflux.{name}, which does not exist"
+    for module, imported in re.findall(r"^from (bitflux[\w.]*) import (.+)$", code, flags=re.M):
+        mod = importlib.import_module(module)
+        for name in (n.strip() for n in imported.split(",")):
+            assert hasattr(mod, name), f"README imports {name} from {module}, which does not exist"
