@@ -178,3 +178,20 @@ def test_codes_valid_agrees_with_the_packing_checks(fmt):
     for byte in range(256):  # every byte value alone: both checks say the same
         t = torch.tensor([[byte]], dtype=torch.uint8)
         assert codes_valid(t, fmt) == (not invalid(t)), byte
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_check_finds_one_bad_value_anywhere(dtype):
+    from bitflux.tensorcheck import _finite
+
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 7, 1000, 70_001):
+        x = torch.randn(n, generator=g).to(dtype)
+        assert _finite(x)
+        for pos in {0, n // 2, n - 1, int(torch.randint(0, n, (1,), generator=g))}:
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                y = x.clone()
+                y[pos] = bad
+                assert not _finite(y), (n, pos, bad)
+                assert not _finite(y.reshape(1, -1).expand(3, -1))  # non-contiguous views too
+    assert _finite(torch.empty(0, dtype=dtype))

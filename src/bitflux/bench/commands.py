@@ -20,6 +20,8 @@ def _bench(args: argparse.Namespace) -> int:
     module = _MODULES[args.device]
     if "calibrate-scale" in _parts(args.extra):  # block-wise calibration of a FLUX.1-dev-shaped model (CPU)
         module = "bitflux.bench.calibrate_scale"
+    if "checks" in _parts(args.extra):  # what checking a full-size checkpoint costs (CPU)
+        module = "bitflux.bench.checks"
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
