@@ -133,7 +133,7 @@ class BitfluxQuantizer(DiffusersQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         cfg: QuantConfig = self.quantization_config
-        policy = policy_for(model, cfg.policy)
+        policy = policy_for(model, cfg.policy, include=cfg.include, exclude=cfg.exclude)
         keep = replace_linears(model, cfg, policy)
         stored = set(cfg.modules_not_converted)
         if self.pre_quantized and stored and stored != set(keep):

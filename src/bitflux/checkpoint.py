@@ -154,29 +154,6 @@ def weight_files(path: Path) -> list[Path]:
     return [f]
 
 
-def build_meta(config: dict[str, Any], qconfig: QuantConfig | None, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The model described by `config` on the meta device in `dtype`, quantised per `qconfig` if given."""
-    from diffusers import FluxTransformer2DModel
-    from diffusers.utils import logging as diffusers_logging
-
-    cls_name = config.get("_class_name", "FluxTransformer2DModel")
-    if cls_name != "FluxTransformer2DModel":
-        raise ModelError(f"not a FLUX transformer (config says {cls_name!r}); bitflux supports FluxTransformer2DModel")
-    kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # silence the "cast with .to()" advice: meta tensors only
-    try:
-        with torch.device("meta"):
-            model = FluxTransformer2DModel.from_config(kwargs).to(dtype)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"config.json does not describe a valid FLUX transformer: {e}") from None
-    finally:
-        diffusers_logging.set_verbosity(level)
-    if qconfig is not None:
-        quantize(model, qconfig)
-    return model
-
-
 class _quiet_diffusers:
     """Silence diffusers' loader chatter (missing/unexpected-key notes we check ourselves) for a block."""
 
@@ -190,18 +167,6 @@ class _quiet_diffusers:
         from diffusers.utils import logging as dl
 
         dl.set_verbosity(self._level)
-
-
-def model_class(config: dict[str, Any], where: Path | str):
-    """The diffusers model class a config.json names in `_class_name`."""
-    import diffusers
-    from diffusers import ModelMixin
-
-    name = config.get("_class_name", "FluxTransformer2DModel")
-    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
-        raise ModelError(f"{where}: config.json names {name!r}, which is not a diffusers model class")
-    return cls
 
 
 def model_dir(path: str | os.PathLike) -> Path:
@@ -229,6 +194,46 @@ def from_pretrained(cls, source: str | os.PathLike, *, where: str | os.PathLike 
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{where or source}: cannot load ({msg})") from None
+
+
+def _bfl_config(path: Path) -> dict[str, Any]:
+    """FLUX.1-dev's config.json at the depth and guidance a BFL single file's tensor names show."""
+    from .archs import FLUX_DEV_CONFIG
+    from .tensorcheck import read_headers
+
+    names = set(read_headers([path]))
+    if not any(n.startswith("double_blocks.") for n in names):
+        raise ModelError(f"{path}: not a FLUX transformer in Black Forest Labs' single-file layout (no double_blocks.*)")
+    count = lambda p: len({n.split(".")[1] for n in names if n.startswith(p)})  # noqa: E731
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        **FLUX_DEV_CONFIG,
+        "num_layers": count("double_blocks."),
+        "num_single_layers": count("single_blocks."),
+        "guidance_embeds": any(n.startswith("guidance_in.") for n in names),
+    }
+
+
+def load_single_file(cls, path: str | os.PathLike, *, config: str | None = None, **kwargs: Any) -> nn.Module:
+    """`cls.from_single_file(path, ...)` for BFL's one-file layout, offline: without `config` (a local
+    directory holding config.json, or a hub id) the config is derived from the file's tensor names."""
+    import tempfile
+
+    from .backend import register
+
+    register()
+    with tempfile.TemporaryDirectory() as tmp:
+        if config is None:
+            (Path(tmp) / "config.json").write_text(json.dumps(_bfl_config(Path(path))))
+            config = tmp
+        try:
+            with _quiet_diffusers():
+                return cls.from_single_file(str(path), config=config, **kwargs)
+        except BitfluxError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: cannot load as a single-file FLUX transformer ({msg})") from None
 
 
 def load(

@@ -40,18 +40,21 @@ def _size_text(r: dict) -> str:
 
 # ---------------------------------------------------------------------------------------- quantize
 def _quantize(args: argparse.Namespace) -> int:
+    from .atomic import remove_stale_temps
     from .checkpoint import save
     from .inspect import size_report
-    from .pipeline import load_full_transformer
-    from .quantize import quantize
+    from .sources import quantize_from
 
-    if Path(args.out).exists():
+    out = Path(args.out)
+    if out.exists():
         raise OutputExistsError(f"output path exists: {args.out} (bitflux never overwrites)")
+    if not out.parent.is_dir():
+        raise ModelError(f"output directory does not exist: {out.parent}")
+    remove_stale_temps(out)
     t0 = time.perf_counter()
-    model = load_full_transformer(args.src, _torch_dtype(args.dtype))
-    cfg = QuantConfig(format=args.format, init=args.init, activations=args.activations, source=args.src)
-    quantize(model, cfg, progress=not args.json)
-    save(model, args.out)
+    cfg = QuantConfig(format=args.format, init=args.init, activations=args.activations)
+    model = quantize_from(args.src, cfg, torch_dtype=_torch_dtype(args.dtype), device=args.device, single_file_config=args.config)
+    save(model, out, max_shard_bytes=args.max_shard_mb * 1000**2)
     report = {"out": args.out, **size_report(model), "seconds": round(time.perf_counter() - t0, 2)}
     print_result(report, args.json, f"wrote {args.out}\n" + _size_text({**report, "model": args.src}))
     return 0
@@ -200,16 +203,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "quantize",
-        help="ternarise a FLUX transformer and save it packed",
-        description="Ternarise the block Linears of a FLUX transformer (no data needed) and write a "
-        "bitflux checkpoint directory: config.json + packed safetensors.",
+        help="ternarise a diffusers transformer while loading it and save it packed",
+        description="Ternarise the block Linears of a diffusers transformer (FLUX and other DiTs; no data "
+        "needed) while it loads, shard by shard, and write a bitflux checkpoint directory: config.json "
+        "+ packed safetensors. The full-precision model is never held in memory.",
     )
-    p.add_argument("src", help="diffusers pipeline dir, transformer dir, bundled name (toy) or hub id")
+    p.add_argument("src", help="pipeline dir, transformer dir, single .safetensors file (BFL layout), bundled name (toy) or hub id")
     p.add_argument("out", help="new output directory (must not exist)")
     p.add_argument("--format", default="2bit", choices=choices(PackFormat), help="packing format (default 2bit)")
     p.add_argument("--init", default="absmean", choices=choices(InitMethod), help="ternarisation (default absmean)")
-    p.add_argument("--activations", default="bf16", choices=choices(ActPrecision), help="activation precision")
+    p.add_argument("--activations", default="auto", choices=choices(ActPrecision), help="activation precision (auto: int8 on CPUs with the int8 kernels, bf16 elsewhere; chosen at run time)")
     p.add_argument("--dtype", default="keep", choices=list(_DTYPES), help="dtype of kept layers (default: as stored)")
+    p.add_argument("--device", default=None, help="where to ternarise as tensors stream in, e.g. cuda (default cpu)")
+    p.add_argument("--config", default=None, help="single-file SRC only: directory (or hub id) holding its config.json")
+    p.add_argument("--max-shard-mb", type=argtypes.positive_int, default=5000, help="largest output shard in MB (default 5000)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_quantize)
 

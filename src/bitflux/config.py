@@ -42,6 +42,9 @@ class InitMethod(str, Enum):
 class ActPrecision(str, Enum):
     """Precision of the activations fed to the ternary matmul."""
 
+    AUTO = "auto"
+    """The fastest precision that keeps quality on the input's device, chosen at forward time
+    (`bitflux.kernels.resolve_act`): int8 on CPUs with the int8 kernels, bf16 elsewhere."""
     BF16 = "bf16"
     """No activation quantisation: W1.58A16 (activations stay in the model dtype)."""
     INT8 = "int8"
@@ -79,8 +82,10 @@ class QuantConfig(QuantizationConfigMixin):
 
     format: PackFormat = PackFormat.TWO_BIT  # storage/packing of the ternary codes
     init: InitMethod = InitMethod.ABSMEAN  # how codes and scales are derived from the weights
-    activations: ActPrecision = ActPrecision.BF16  # activation precision at inference
+    activations: ActPrecision = ActPrecision.AUTO  # activation precision at inference (auto: per device)
     policy: str = "auto"  # module policy name (bitflux.policies); "auto": the one for the model's class
+    include: tuple[str, ...] = field(default_factory=tuple)  # extra name globs to ternarise (policy override)
+    exclude: tuple[str, ...] = field(default_factory=tuple)  # name globs to keep in the model dtype (override)
     modules_not_converted: tuple[str, ...] = field(default_factory=tuple)  # filled when quantising
     source: str = ""  # where the full-precision model came from (absolute path, hub id, bundled name)
 
@@ -90,11 +95,12 @@ class QuantConfig(QuantizationConfigMixin):
         self.init = InitMethod(self.init)
         self.activations = ActPrecision(self.activations)
         self.modules_not_converted = tuple(self.modules_not_converted)
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """From a config.json `quantization_config` (diffusers calls this); unknown keys are refused."""
-        known = {"format", "init", "activations", "policy", "modules_not_converted", "source"}
+        known = {"format", "init", "activations", "policy", "include", "exclude", "modules_not_converted", "source"}
         d = {k: v for k, v in {**config_dict, **kwargs}.items() if k in known}
         cfg = cls(**d)
         return (cfg, {}) if return_unused_kwargs else cfg
@@ -128,6 +134,8 @@ class QuantConfig(QuantizationConfigMixin):
             "init": self.init.value,
             "activations": self.activations.value,
             "policy": self.policy,
+            **({"include": list(self.include)} if self.include else {}),
+            **({"exclude": list(self.exclude)} if self.exclude else {}),
             "modules_not_converted": list(d["modules_not_converted"]),
             "source": self.source,
         }

@@ -64,6 +64,7 @@ def file_digest(path: str | os.PathLike, algorithm: str = DEFAULT_ALGORITHM) -> 
             with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
                 for i in range(0, size, _CHUNK):
                     h.update(view[i : i + _CHUNK])
+                    m.madvise(mmap.MADV_DONTNEED, i, min(_CHUNK, size - i))  # keep RSS at one chunk, not the file
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     finally:

@@ -32,7 +32,7 @@ def quantize(
     Linears left in the model dtype, is stored as `model.bitflux_config`.
     """
     config = config or QuantConfig()
-    policy = policy or policy_for(model, config.policy)
+    policy = policy or policy_for(model, config.policy, include=config.include, exclude=config.exclude)
     if policy.model_class and type(model).__name__ != policy.model_class:
         raise ModelError(f"policy {policy.name!r} is for {policy.model_class}, got {type(model).__name__}")
     if is_quantized(model):

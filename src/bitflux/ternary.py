@@ -18,15 +18,25 @@ from .config import InitMethod
 _EPS = 1e-8
 
 
-def absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BitNet b1.58 ternarisation of each row of `w` (N, K) -> (codes int8 (N, K), scale f32 (N,))."""
-    w = w.float()
-    scale = w.abs().mean(dim=1).clamp_min(_EPS)  # (N,)
-    codes = torch.round(w / scale[:, None]).clamp_(-1, 1).to(torch.int8)
+def absmean(w: torch.Tensor, slab: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet b1.58 ternarisation of each row of `w` (N, K) -> (codes int8 (N, K), scale f32 (N,)).
+
+    Rows go `slab` elements at a time, so the fp32 temporaries stay a few MB however large `w` is
+    (FLUX.1-dev's linear1 is 21504 x 3072: a whole-matrix fp32 pass would cost ~1 GB).
+    """
+    n, k = w.shape
+    codes = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    scale = torch.empty((n,), dtype=torch.float32, device=w.device)
+    step = max(1, slab // max(1, k))
+    for r0 in range(0, n, step):
+        rows = w[r0 : r0 + step].float()  # (R, K)
+        s = rows.abs().mean(dim=1).clamp_min(_EPS)  # (R,)
+        codes[r0 : r0 + step] = torch.round(rows / s[:, None]).clamp_(-1, 1).to(torch.int8)
+        scale[r0 : r0 + step] = s
     return codes, scale
 
 
-def twn(w: torch.Tensor, row_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def twn(w: torch.Tensor, row_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row optimal threshold ternarisation of `w` (N, K) -> (codes int8, scale f32 (N,)).
 
     Rows are processed `row_chunk` at a time so the sort never holds more than a slab in fp32.

@@ -27,7 +27,7 @@ MAX_CONFIG_INT = 1 << 24
 MAX_WIDTH = 1 << 16  # FLUX.1-dev: 3072 wide, T5 4096; a bound on every FLUX size
 MAX_BLOCKS = 128  # per kind; FLUX.1-dev has 19 + 38 (256 blocks take ~2 s to build even on meta)
 QC_KEYS = frozenset(
-    {"quant_method", "format", "format_version", "init", "activations", "policy", "modules_not_converted", "source", "integrity"}
+    {"quant_method", "format", "format_version", "init", "activations", "policy", "include", "exclude", "modules_not_converted", "source", "integrity"}
 )
 
 
@@ -201,6 +201,10 @@ def check_quantization_config(qc: Any, where: str | os.PathLike) -> None:
     for key in ("policy", "source"):
         if key in qc and not isinstance(qc[key], str):
             raise CheckpointError(f"{where}: quantization_config.{key} must be a string, got {_show(qc[key])}")
+    for key in ("include", "exclude"):
+        globs = qc.get(key, [])
+        if not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs):
+            raise CheckpointError(f"{where}: quantization_config.{key} must be a list of name globs, got {_show(globs)}")
     names = qc.get("modules_not_converted", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{where}: quantization_config.modules_not_converted must be a list of module names, got {_show(names)}")

@@ -1,0 +1,160 @@
+"""What `bitflux quantize SRC` accepts, resolved to one diffusers `from_pretrained` call.
+
+SRC may be a bundled name, a pipeline directory, a transformer directory, a single
+`.safetensors` file in Black Forest Labs' layout, or a hub id. Every kind is quantised while
+loading by the bitflux backend (`backend.py`), shard by shard; nothing else loads weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .config import QUANT_METHOD, QuantConfig
+from .errors import ModelError
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved SRC: how to hand it to diffusers, and what to record as the checkpoint's source."""
+
+    kind: str  # "dir" | "file" | "hub"
+    location: str  # directory, file or hub id given to diffusers
+    subfolder: str | None  # "transformer" for pipelines and hub ids
+    record: str  # absolute path or hub id, recorded in quantization_config.source
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None if the hub's host answers on its port within `timeout`, else why not (one phrase)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"cannot reach {url.hostname} ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id, allow_patterns=["transformer/config.json"], local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not usable offline"
+        return False
+
+
+def resolve_source(src: str) -> Source:
+    """Classify SRC; one-line ModelError for anything that is not a usable source."""
+    from .pipeline import bundled, is_hub_id
+
+    path = bundled(src) or Path(src)
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            if not (path / "transformer" / "config.json").is_file():
+                raise ModelError(f"{src}: pipeline directory without transformer/config.json")
+            return Source("dir", str(path), "transformer", str(path.resolve()))
+        if (path / "config.json").is_file():
+            return Source("dir", str(path), None, str(path.resolve()))
+        raise ModelError(f"{src}: not a diffusers pipeline or model directory (no model_index.json or config.json)")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelError(f"{src}: a single-file source must be .safetensors (bitflux loads only safetensors)")
+        return Source("file", str(path), None, str(path.resolve()))
+    if path.exists():
+        raise ModelError(f"{src}: not a regular file or directory")
+    if is_hub_id(src):
+        why = _hub_reachable()
+        if why and not _cached(src):
+            raise ModelError(
+                f"{src}: hub id, but {why} and it is not in the local cache; download it where the hub is "
+                f"reachable (huggingface-cli download {src}) and pass the local directory"
+            )
+        return Source("hub", src, "transformer", src)
+    raise ModelError(f"no such model: {src} (not a bundled name, directory, .safetensors file or hub id)")
+
+
+def _check_dense(source: Source) -> None:
+    """A directory source must be an unquantised diffusers model of a class bitflux has a policy for."""
+    if source.kind != "dir":
+        return
+    from .safeio import read_json_object
+    from .validate import check_model_config
+
+    cfg_path = Path(source.location) / (source.subfolder or "") / "config.json"
+    config = read_json_object(cfg_path)
+    qc = config.get("quantization_config")
+    if qc is not None:
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        if method == QUANT_METHOD:
+            raise ModelError(f"{source.location}: already a bitflux checkpoint (load it with bitflux.load)")
+        raise ModelError(f"{source.location}: already quantised by another backend ({method!r}); bitflux needs the full-precision model")
+    check_model_config(config, cfg_path)
+
+
+def _stored_dtype(source: Source) -> torch.dtype | None:
+    """The float dtype of the source's first stored tensor (so bf16 stays bf16; diffusers would upcast)."""
+    if source.kind == "hub":
+        return torch.bfloat16
+    from .tensorcheck import read_headers
+
+    if source.kind == "file":
+        files = [Path(source.location)]
+    else:
+        from .checkpoint import weight_files
+
+        files = weight_files(Path(source.location) / (source.subfolder or ""))
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    return next((names[h.dtype] for h in read_headers(files[:1]).values() if h.dtype in names), None)
+
+
+def quantize_from(
+    src: str,
+    config: QuantConfig,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: str | None = None,
+    single_file_config: str | None = None,
+) -> nn.Module:
+    """Quantise SRC while loading it; returns the model with TernaryLinear blocks (nothing saved).
+
+    `torch_dtype` is the dtype of the kept layers (default: as stored). On `device` (e.g. "cuda")
+    the ternarisation runs there, tensor by tensor as they stream in.
+    """
+    from dataclasses import replace
+
+    from .checkpoint import from_pretrained
+    from .safeio import read_json_object
+    from .validate import model_class
+
+    source = resolve_source(src)
+    _check_dense(source)
+    config = replace(config, source=source.record)
+    kwargs: dict[str, Any] = {"quantization_config": config, "torch_dtype": torch_dtype or _stored_dtype(source)}
+    if device not in (None, "cpu"):
+        kwargs["device_map"] = str(device)
+    if source.kind == "file":
+        from diffusers import FluxTransformer2DModel
+
+        from .checkpoint import load_single_file
+
+        return load_single_file(FluxTransformer2DModel, source.location, config=single_file_config, **kwargs)
+    if source.kind == "hub":
+        from diffusers import FluxTransformer2DModel
+
+        cls = FluxTransformer2DModel
+    else:
+        cfg_path = Path(source.location) / (source.subfolder or "") / "config.json"
+        cls = model_class(read_json_object(cfg_path), cfg_path)
+    if source.subfolder:
+        kwargs["subfolder"] = source.subfolder
+    return from_pretrained(cls, source.location, where=src, **kwargs)
