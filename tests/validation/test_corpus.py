@@ -116,3 +116,29 @@ def test_generate_on_a_damaged_checkpoint(clean, tmp_path, capsys, what):
     assert rc == 2 and err and "error:" in err[-1], err
     one_line(err[-1])
     assert not out.exists()
+
+
+_FP_PARAMS = [p for i, p in enumerate(_PARAMS) if i % 4 == 0]
+
+
+@pytest.mark.parametrize("case, fmt", _FP_PARAMS)
+def test_hostile_checkpoint_through_from_pretrained(clean, tmp_path, case: Case, fmt: str):
+    """diffusers' own entry point on a quarter of the corpus: never a hang or a wrong output.
+
+    diffusers raises its own exceptions for some damage it meets before bitflux's hooks run
+    (a missing shard, a malformed index), so any exception counts as a refusal here.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    kind = "sharded" if case.sharded else "single"
+    d = tmp_path / "ck"
+    shutil.copytree(clean[fmt][kind], d)
+    case.mutate(d)
+    if case.reseal:
+        reseal(d)
+    with deadline(CASE_TIMEOUT_S):
+        try:
+            y = forward(FluxTransformer2DModel.from_pretrained(d))
+        except Exception:  # noqa: BLE001 - refused, one way or another
+            return
+    assert torch.equal(y, clean[fmt]["output"]), f"{case.name}: from_pretrained loaded it, but the output differs"
