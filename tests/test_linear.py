@@ -17,7 +17,7 @@ def _linear(k, n, bias=True, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_linear_holding_dequantised_weight(fmt, k, n, m, bias):
     lin = _linear(k, n, bias)
-    tl = TernaryLinear.from_linear(lin, fmt=fmt, init="twn")
+    tl = TernaryLinear.from_linear(lin, fmt=fmt, init="twn", act="bf16")
     dense = nn.Linear(k, n, bias=bias)
     dense.weight.data = tl.dequantized_weight()
     if bias:
@@ -32,7 +32,7 @@ def test_matches_linear_holding_dequantised_weight(fmt, k, n, m, bias):
 
 def test_bf16_tolerance():
     lin = _linear(128, 64, dtype=torch.bfloat16)
-    tl = TernaryLinear.from_linear(lin)
+    tl = TernaryLinear.from_linear(lin, act="bf16")
     x = torch.randn(9, 128, dtype=torch.bfloat16)
     y = tl(x)
     y_ref = x.float() @ tl.dequantized_weight().T + lin.bias.float()
@@ -42,7 +42,7 @@ def test_bf16_tolerance():
 
 def test_chunked_reference_equals_single_chunk(monkeypatch):
     lin = _linear(40, 37)
-    tl = TernaryLinear.from_linear(lin, fmt="base3")
+    tl = TernaryLinear.from_linear(lin, fmt="base3", act="bf16")
     x = torch.randn(6, 40)
     whole = tl(x)
     monkeypatch.setattr(reference, "_CHUNK_ELEMS", 40 * 5)  # 5 rows at a time, last chunk ragged
@@ -74,7 +74,7 @@ def test_fp8_activations_close():
 
 
 def test_forced_reference_and_unknown_backend():
-    tl = TernaryLinear.from_linear(_linear(16, 8))
+    tl = TernaryLinear.from_linear(_linear(16, 8), act="bf16")
     x = torch.randn(2, 16)
     assert select_backend(x, tl.fmt, tl.act, Backend.REFERENCE) is Backend.REFERENCE
     tl.backend = Backend.REFERENCE

@@ -28,7 +28,7 @@ class TernaryLinear(nn.Module):
         bias: bool = True,
         *,
         fmt: PackFormat | str = PackFormat.TWO_BIT,
-        act: ActPrecision | str = ActPrecision.BF16,
+        act: ActPrecision | str = ActPrecision.AUTO,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
     ) -> None:
@@ -53,7 +53,7 @@ class TernaryLinear(nn.Module):
         *,
         fmt: PackFormat | str = PackFormat.TWO_BIT,
         init: InitMethod | str = InitMethod.ABSMEAN,
-        act: ActPrecision | str = ActPrecision.BF16,
+        act: ActPrecision | str = ActPrecision.AUTO,
     ) -> "TernaryLinear":
         """Ternarise an `nn.Linear`'s weight (meta tensors give an empty module of the right shapes)."""
         w = linear.weight

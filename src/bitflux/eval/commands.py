@@ -142,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.cfg_scale,
         help=f"real classifier-free guidance scale, FluxPipeline's true_cfg_scale (default {d.cfg_scale}; 1 disables)",
     )
-    p.add_argument("--activations", choices=["bf16", "int8", "fp8"], help="override the ternary layers' activation precision")
+    p.add_argument("--activations", choices=["auto", "bf16", "int8", "fp8"], help="override the ternary layers' activation precision")
     p.add_argument("--backend", choices=["auto", "reference", "triton", "cpu"], help="force a kernel backend")
     p.add_argument("--naive", action="store_true", help="ternarise the model in memory by plain absmean rounding first")
     p.add_argument("--grid", metavar="PNG", help="save a grid: toy (full precision) vs MODEL on a few prompts")

@@ -1,10 +1,8 @@
 """Triton backend: routes a ternary linear to the W1.58A16 or W1.58A8 kernel by activation precision.
 
 Exports `supports(x, fmt, act)` and `ternary_linear(...)` with the reference's signature, as every
-backend does (see `bitflux.kernels`). The kernels run behind one `torch.library` op,
-`bitflux::triton_ternary_linear`, with a fake (meta) implementation, so `torch.compile` sees a
-single opaque node instead of tracing into Triton launches (and never graph-breaks here); eager
-calls skip the op and launch directly.
+backend does (see `bitflux.kernels`). Under `torch.compile` it runs inside the op
+`bitflux::ternary_linear` (`kernels/ops.py`), whose fake impl keeps Triton launches out of the graph.
 
 Where it runs:
 * CUDA tensors, compiled Triton: `2bit` weights with every activation precision (fp8 needs
@@ -86,27 +84,6 @@ def _launch(
     return triton_w158a8.w158a8_forward(x, qweight, scale, bias, in_features, fp8=precision is ActPrecision.FP8)
 
 
-@torch.library.custom_op(
-    "bitflux::triton_ternary_linear",
-    mutates_args=(),
-    schema="(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, str act, int in_features) -> Tensor",
-)
-def _triton_ternary_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    act: str,
-    in_features: int,
-) -> torch.Tensor:
-    return _launch(x, qweight, scale, bias, act, in_features)
-
-
-@_triton_ternary_linear.register_fake
-def _(x, qweight, scale, bias, act, in_features):  # noqa: ANN001, ANN202 - the op's schema types it
-    return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
 def ternary_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -123,8 +100,5 @@ def ternary_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)  # (M, K); strides are passed, so a view is fine
     act_name = ActPrecision(act).value
-    if torch.compiler.is_compiling():  # the graph gets one opaque op with a fake impl
-        y = torch.ops.bitflux.triton_ternary_linear(x2, qweight, scale, bias, act_name, in_features)
-    else:  # eager: launch directly, without the op dispatcher's per-call Python overhead
-        y = _launch(x2, qweight, scale, bias, act_name, in_features)
+    y = _launch(x2, qweight, scale, bias, act_name, in_features)
     return y.reshape(*lead, qweight.shape[0])
