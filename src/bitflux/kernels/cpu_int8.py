@@ -24,9 +24,9 @@ the packed size plus one transient block per call; see `_BLOCK_BYTES`):
 * `base3`: multiply-shift per trit, t_i = (((s * 3^i) mod 256) * 3) >> 8 (`unpack_base3_u8`),
   which yields the trit t = code + 1 = U directly.
 
-For `2bit` weights on an AVX2 CPU without VNNI/AMX, `ternary_linear` hands the whole call to the
-compiled kernel of `cpu_avx2` (same exact sums, bit-identical result) when it builds; the engines
-below serve VNNI/AMX CPUs, `base3`, `int_matmul` and the fallback.
+For `2bit` weights `ternary_linear` hands the whole call to the compiled kernel of `cpu_avx2`
+(same exact sums, bit-identical result) when it builds, except for large M on VNNI/AMX CPUs
+(`_ONEDNN_MIN_ROWS`); the engines below serve those, `base3`, `int_matmul` and the fallback.
 
 Engines (`Engine`): oneDNN `qlinear_pointwise` (u8 x s8 -> f32: AVX2 `vpmaddubsw`, VNNI
 `vpdpbusd`, or AMX, as the CPU has) when this torch has it; `torch._int_mm` otherwise, which is
@@ -68,6 +68,12 @@ class Engine(str, Enum):
     FLOAT = "float"
     """Block to f32, then sgemm: for a few rows (GEMV), where the int GEMMs are latency-bound."""
 
+
+# On VNNI/AMX CPUs, from this many activation rows on oneDNN beats the AVX2 kernel (its ~0.5 ms
+# per-call setup amortised). Measured on a 2-core AVX-512 VNNI VM (1 thread, ms AVX2 vs oneDNN):
+# M=9 K=128 N=384 0.03 vs 0.52; M=1 3072x3072 0.40 vs 6.3; M=64 3072x3072 13.8 vs 21.2;
+# M=256 3072x12288 388 vs 226; M=1024 3072x3072 253 vs 252.
+_ONEDNN_MIN_ROWS = 256
 
 # Up to this many activation rows, FLOAT beats the int8 GEMMs (measured: GEMV at M=1 is ~2x
 # faster through the f32 block than through oneDNN's u8s8 kernel; at M=4 they are even).
@@ -260,9 +266,10 @@ def ternary_linear(
     """y = x @ (diag(scale) T)^T + bias for x (..., K), packed T (N, ceil(K/per)) -> (..., N)."""
     if ActPrecision(act) is not ActPrecision.INT8:
         raise ValueError(f"cpu_int8 runs int8 activations only, got {ActPrecision(act).value}")
-    if not _vnni_or_amx() and cpu_avx2.supports(x, fmt, act):
-        # AVX2-only CPU: the compiled kernel (same exact sums, no per-call oneDNN setup, cpu_avx2.py);
-        # where VNNI/AMX exist, oneDNN's vpdpbusd/AMX kernels below are used instead
+    rows = x.numel() // max(1, x.shape[-1])
+    if cpu_avx2.supports(x, fmt, act) and (rows < _ONEDNN_MIN_ROWS or not _vnni_or_amx()):
+        # The compiled kernel (same exact sums, no per-call oneDNN setup, cpu_avx2.py); on VNNI/AMX
+        # CPUs oneDNN's vpdpbusd/AMX kernels below take over once M is large enough to pay for it
         return cpu_avx2.ternary_linear(x, qweight, scale, bias, fmt=fmt, in_features=in_features, act=act)
     lead = x.shape[:-1]
     n = qweight.shape[0]
