@@ -70,10 +70,27 @@ def _bytes(files) -> tuple[int, int]:
     return total, largest
 
 
-def test_real_width_quantise_load_save_stay_near_packed_size(tmp_path):
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
     from bitflux.bench.synth import write_random_flux
 
-    src = write_random_flux(tmp_path / "dense", num_layers=1, num_single_layers=1, shard_bytes=SHARD)
+    return write_random_flux(tmp_path_factory.mktemp("real") / "dense", num_layers=1, num_single_layers=1, shard_bytes=SHARD)
+
+
+def test_single_file_in_bfl_layout_quantises_like_the_sharded_dir(dense, tmp_path):
+    """BFL's one-file layout (fused qkv, linear1/linear2) through from_single_file, config derived offline."""
+    import bitflux
+    from bitflux.bench.synth import write_random_flux_single_file
+    from bitflux.sources import quantize_from
+
+    f = write_random_flux_single_file(tmp_path / "flux1-dev-1+1.safetensors", num_layers=1, num_single_layers=1)
+    a = quantize_from(str(f), bitflux.QuantConfig()).state_dict()
+    b = quantize_from(str(dense), bitflux.QuantConfig()).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_real_width_quantise_load_save_stay_near_packed_size(dense, tmp_path):
+    src = dense
     dense, largest = _bytes(sorted(src.glob("*.safetensors")))
     q = tmp_path / "q"
     grow_q = _run("quantize", str(src), str(q))
