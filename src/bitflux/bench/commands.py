@@ -18,8 +18,14 @@ def _parts(extra: list[str]) -> set[str]:
 
 def _bench(args: argparse.Namespace) -> int:
     module = _MODULES[args.device]
+    if "peers" in _parts(args.extra):  # other quantisers on the toy (CPU): bitflux.bench.peers
+        module = "bitflux.bench.peers"
     if "calibrate-scale" in _parts(args.extra):  # block-wise calibration of a FLUX.1-dev-shaped model (CPU)
         module = "bitflux.bench.calibrate_scale"
+    if "modes" in _parts(args.extra):  # the default activation mode vs each mode on the toy: speed + eval
+        module = "bitflux.bench.modes"
+    if "scale" in _parts(args.extra):  # FLUX.1-dev at full size: write, quantise, load, one step (CPU)
+        module = "bitflux.bench.scale"
     if "checks" in _parts(args.extra):  # what checking a full-size checkpoint costs (CPU)
         module = "bitflux.bench.checks"
     try:
@@ -44,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure kernel and whole-model speed and memory (CPU or GPU)",
         description="Benchmark ternary kernels against torch's float (and 8-bit) baselines measured in the "
         "same run, then a whole model. Options after --device go to the device's benchmark; list them "
-        "with --device-help. Example: bitflux bench --device cpu --json",
+        "with --device-help. Example: bitflux bench --device cpu --json. `bitflux bench --parts peers` "
+        "scores and times other quantisers (optimum-quanto, hqq, torchao) beside bitflux on the toy "
+        "(options: bitflux bench --parts peers --device-help).",
     )
     p.add_argument("--device", choices=sorted(_MODULES), default="cpu", help="which benchmark (default cpu)")
     p.add_argument("--device-help", action="store_true", help="list the chosen device benchmark's options")
