@@ -114,6 +114,8 @@ QC = TOY_Q["quantization_config"]
         ({"source": 3}, CheckpointError, "source must be a string"),
         ({"policy": ["flux"]}, CheckpointError, "policy must be a string"),
         ({"extra": 1}, CheckpointError, "unknown keys ['extra']"),
+        ({"include": "x_*"}, CheckpointError, "include must be a list of module-name globs"),
+        ({"exclude": [1]}, CheckpointError, "exclude must be a list of module-name globs"),
         ({"integrity": []}, CheckpointError, "integrity must be an object"),
         ({"integrity": {"algorithm": "md5", "config": "", "files": {}}}, CheckpointError, "algorithm"),
         ({"integrity": {"algorithm": "xxh3_128", "config": "", "files": {"../x": {"bytes": 1, "hash": ""}}}}, CheckpointError, "not a plain file name"),
@@ -176,3 +178,14 @@ def test_pipeline_fit():
             check_pipeline_fit({**cfg, key: cfg[key] * 2}, toy, "m")
     with pytest.raises(ModelError, match="AutoencoderKL"):
         check_is_transformer(json.loads((toy / "vae" / "config.json").read_text()), "vae")
+
+
+def test_every_key_bitflux_writes_is_accepted():
+    # What QuantConfig.to_dict writes (with every optional key present) must pass the schema.
+    from bitflux import QuantConfig
+
+    fields = QuantConfig.__dataclass_fields__
+    kw = {k: ("x_*",) for k in ("include", "exclude") if k in fields}
+    qc = QuantConfig(format="base3", modules_not_converted=("proj_out",), source="/abs/toy", **kw).to_dict()
+    check_quantization_config(qc, "q")
+    assert set(kw) <= set(qc)
