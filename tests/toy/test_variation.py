@@ -206,6 +206,12 @@ def test_a_tiny_palette_b_run_records_its_world_and_eval_uses_it(tmp_path, capsy
     assert json.loads((before / "world.json").read_text()) == {"name": "default"}
     with pytest.raises(ModelError, match="--world default"):
         _check_world(before, PALETTE_B, resume=True)
+    # `bitflux calibrate OUT --prompts toy` draws the training split of OUT's world, at the toy's eval settings
+    from bitflux.calibrate.command import eval_settings, read_prompts
+
+    calib = read_prompts("toy", 24, 0, str(out))
+    assert calib == [t for t, _ in w.prompts("train", 24, 0, PALETTE_B)] and calib != read_prompts("toy", 24, 0)
+    assert eval_settings(str(out))[0]["height"] == w.IMAGE_SIZE
     assert main(["eval", str(out), "--n", "6", "--seeds", "1", "--steps", "1", "--naive", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["world"] == "palette-b" and res["reference"] == str(out)

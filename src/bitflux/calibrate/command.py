@@ -14,12 +14,14 @@ from .checkpoint import WorkDir
 from .config import CalibConfig, LossKind, Mode, TrainWhat
 
 
-def read_prompts(spec: str, n: int, seed: int) -> list[str]:
-    """Prompts from a file (one per line) or `toy` (the toy world's training split)."""
+def read_prompts(spec: str, n: int, seed: int, pipeline: str | None = None) -> list[str]:
+    """Prompts from a file (one per line) or `toy` (the training split of the toy world `pipeline` was trained on)."""
     if spec == "toy":
-        from ..toy.world import prompts
+        from ..toy.variants import world_of
+        from ..toy.world import DEFAULT_WORLD, prompts
 
-        return [p for p, _ in prompts("train", n, seed=seed)]
+        world = world_of(pipeline) if pipeline and Path(pipeline).is_dir() else DEFAULT_WORLD
+        return [p for p, _ in prompts("train", n, seed=seed, world=world)]
     path = Path(spec)
     try:
         lines = path.read_text().splitlines()
@@ -38,7 +40,9 @@ def eval_settings(src: str) -> tuple[dict, int | None]:
 
     Teacher trajectories should visit the states the model will see when it is used and scored.
     """
-    if not src.startswith("toy"):
+    from ..toy.variants import INFO_FILE
+
+    if not src.startswith("toy") and not (Path(src) / INFO_FILE).is_file():  # bundled or `bitflux toy train` output
         return {}, None
     from ..eval.runner import EvalConfig
 
@@ -112,7 +116,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         return 0
     if not out.parent.is_dir():
         raise ModelError(f"output directory does not exist: {out.parent}")
-    prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
+    prompts = read_prompts(args.prompts, args.num_prompts, args.seed, source.pipeline)
     if work.exists():  # a damaged or mismatched checkpoint fails before any model is loaded
         WorkDir(work, config)
     if source.pipeline is None and (config.mode is Mode.JOINT or not (work / "embeddings.safetensors").exists()):
