@@ -205,10 +205,6 @@ def check_quantization_config(qc: Any, where: str | os.PathLike) -> None:
         globs = qc.get(key, [])
         if not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs):
             raise CheckpointError(f"{where}: quantization_config.{key} must be a list of name globs, got {_show(globs)}")
-    for key in ("include", "exclude"):  # the policy's extra module-name globs
-        globs = qc.get(key, [])
-        if not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs):
-            raise CheckpointError(f"{where}: quantization_config.{key} must be a list of module-name globs, got {_show(globs)}")
     names = qc.get("modules_not_converted", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{where}: quantization_config.modules_not_converted must be a list of module names, got {_show(names)}")
