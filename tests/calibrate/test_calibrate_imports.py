@@ -31,7 +31,9 @@ def _import_graph() -> dict[str, set[str]]:
                     root = ".".join(base + ([node.module] if node.module else []))
                 else:
                     root = node.module or ""
-                targets = [f"{root}.{a.name}" for a in node.names] + [root]
+                subs = [f"{root}.{a.name}" for a in node.names]
+                # `from pkg import submodule` needs the submodule; `from pkg import name` needs pkg itself
+                targets = subs + ([root] if any(t not in modules for t in subs) else [])
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             for t in targets:

@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import WorkDir
 from .config import CalibConfig
 from .losses import block_loss, cosine_lr
@@ -335,17 +336,21 @@ def _train_block(
     try:
         for step in range(steps):
             g = torch.Generator().manual_seed(block_seed(config.seed, i, step))
-            idx = torch.randint(n_pool, (config.batch,), generator=g)
+            idx = distributed.shard(torch.randint(n_pool, (config.batch,), generator=g))  # the global batch's share
             kw = {"hidden_states": inputs["hidden_states"][idx], "encoder_hidden_states": inputs["encoder_hidden_states"][idx], "temb": temb[idx]}
             t_out = (target["encoder_hidden_states"][idx], target["hidden_states"][idx])
             kw, t_out = _cast((kw, t_out), dtype, dev)
-            loss = block_loss(blk(**kw, **fixed), t_out)
+            if distributed.active():  # each process: its samples' part of the global batch loss
+                loss = distributed.sharded_block_loss(blk(**kw, **fixed), t_out)
+            else:
+                loss = block_loss(blk(**kw, **fixed), t_out)
             for group in opt.param_groups:  # cosine decay to 10 %, as joint.train
                 group["lr"] = cosine_lr(config.lr, step, steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_grads(params)  # the global batch's gradient, on every process
             opt.step()
-            value = loss.item()
+            value = distributed.all_reduce_sum(loss.detach().clone()).item()
             losses.append(value)
             bar.update(1)
             bar.set_postfix(block=i, loss=f"{value:.4f}")

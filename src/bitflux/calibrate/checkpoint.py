@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from . import distributed
 from .config import CalibConfig
 from .student import trainable
 
@@ -62,21 +63,25 @@ class WorkDir:
     def __init__(self, path: str | os.PathLike, config: CalibConfig) -> None:
         self.path = Path(path)
         self.config = config
+        if not distributed.is_main():  # rank 0 prepares the directory; the others then read it
+            distributed.barrier()
+            self._check_config()
+            return
+        try:
+            self._prepare()
+        finally:
+            distributed.barrier()
+
+    def _prepare(self) -> None:
+        """Create or check the directory and drop what a killed run left half-done (rank 0 only)."""
+        config = self.config
         self.path.mkdir(parents=True, exist_ok=True)
         for entry in self.path.iterdir():  # temporaries of a killed write: never part of the state
             if entry.name.startswith(".") and ".tmp-" in entry.name:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
         cfg = self.path / "config.json"
         if cfg.exists():
-            try:
-                recorded = json.loads(cfg.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                raise self._error(cfg, "not a calibration config (garbage JSON)") from None
-            if recorded != config.to_dict():
-                raise CheckpointError(
-                    f"{self.path}: resume checkpoint was made with a different calibration config "
-                    f"(delete {self.path} to start over, or run with the options it was made with)"
-                )
+            self._check_config()
         else:
             if any(self.path.iterdir()):
                 raise self._error(cfg, "missing, but the directory holds other files")
@@ -85,15 +90,31 @@ class WorkDir:
         for old in states[:-1]:  # superseded by the newest (a kill may have left them)
             old.unlink(missing_ok=True)
 
+    def _check_config(self) -> None:
+        cfg = self.path / "config.json"
+        try:
+            recorded = json.loads(cfg.read_text())
+        except FileNotFoundError:
+            raise self._error(cfg, "missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise self._error(cfg, "not a calibration config (garbage JSON)") from None
+        if recorded != self.config.to_dict():
+            raise CheckpointError(
+                f"{self.path}: resume checkpoint was made with a different calibration config "
+                f"(delete {self.path} to start over, or run with the options it was made with)"
+            )
+
     def _error(self, file: Path, why: str) -> CheckpointError:
         return CheckpointError(f"{file}: {why}; delete {self.path} to start over")
 
     # ------------------------------------------------------------------ single tensor files
     def write(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
-        """Write `name` (a .safetensors file) atomically, with `meta` as JSON in its header."""
-        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        header = {"bitflux": json.dumps(meta or {})}
-        _atomic_write(self.path / name, lambda tmp: save_file(flat, str(tmp), metadata=header))
+        """Write `name` (a .safetensors file) atomically, with `meta` as JSON in its header (rank 0 writes)."""
+        if distributed.is_main():
+            flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            header = {"bitflux": json.dumps(meta or {})}
+            _atomic_write(self.path / name, lambda tmp: save_file(flat, str(tmp), metadata=header))
+        distributed.barrier()
 
     def exists(self, name: str) -> bool:
         return (self.path / name).is_file()

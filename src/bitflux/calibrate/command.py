@@ -10,6 +10,7 @@ from ..cli import print_result
 from ..config import InitMethod, PackFormat
 from ..errors import BitfluxError, ModelError, OutputExistsError
 from .api import calibrate, finish_work_dir
+from . import distributed
 from .checkpoint import WorkDir
 from .config import CalibConfig, LossKind, Mode, TrainWhat
 
@@ -123,14 +124,18 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ModelError(f"{args.src}: a transformer directory needs --base PIPELINE (text encoders, scheduler)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"bitflux: calibrating {args.src} at {height}x{width} on {device} ({config.mode.value})", file=sys.stderr)
+    device = _init_distributed(device, config)
+    if distributed.is_main():
+        print(f"bitflux: calibrating {args.src} at {height}x{width} on {device} ({config.mode.value}"
+              f"{f', {distributed.world()} processes' if distributed.active() else ''})", file=sys.stderr)
     dtype = _stored_dtype(source.transformer)
     if config.mode is Mode.BLOCKWISE:  # one teacher block at a time, streamed from its shards
         from .api import calibrate_sequential
 
         pipe = _load(source.pipeline, dtype, transformer=None, vae=None) if source.pipeline else None
         model, stats = calibrate_sequential(source.transformer, prompts, config, work_dir=work, pipe=pipe, device=device,
-                                            source_name=args.src, progress=not args.json, grad_checkpoint=args.grad_checkpoint)
+                                            source_name=args.src, progress=not args.json and distributed.is_main(),
+                                            grad_checkpoint=args.grad_checkpoint)
     else:
         extra = {}
         if Path(source.transformer).parent != Path(source.pipeline):  # a bare transformer with --base
@@ -140,13 +145,36 @@ def _calibrate(args: argparse.Namespace) -> int:
         pipe = _load(source.pipeline, None, **extra).to(device)
         model, stats = calibrate(pipe, prompts, config, work_dir=work, source=args.src, progress=not args.json)
         torch.nn.Module.to(model, dtype=dtype)  # kept layers in the stored dtype (ternary codes and scales unchanged)
+    if not distributed.is_main():  # rank 0 writes the result
+        distributed.barrier()
+        return 0
     save(model, out, extra_json={"calibration.json": stats})
     finish_work_dir(work)
+    distributed.barrier()
     report = {"out": str(out), **stats, **size_report(model)}
     loss = "n/a" if stats["final_loss"] is None else f"{stats['final_loss']:.4g}"
     text = f"wrote {out}: {stats['prompts']} prompts, {config.steps} steps at {height}x{width} in {stats['seconds']}s, final loss {loss}"
     print_result(report, args.json, text)
     return 0
+
+
+def _init_distributed(device, config: CalibConfig):
+    """Join the process group torchrun / accelerate launch describe (WORLD_SIZE > 1); one device per process."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if config.mode is not Mode.BLOCKWISE:
+        raise BitfluxError("data-parallel calibration is block-wise: add --mode blockwise")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _stored_dtype(transformer_dir: str):
@@ -161,7 +189,7 @@ def _load(pipeline: str, dtype, **components):
 
     kwargs = dict(components)
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs["dtype"] = dtype
     try:
         pipe = FluxPipeline.from_pretrained(pipeline, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:

@@ -21,10 +21,10 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
 class DiskPool:
     """Named memory-mapped tensors in one directory (`<work>/pool/`)."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, clean: bool = True) -> None:
         self.path = Path(directory)
         self.path.mkdir(parents=True, exist_ok=True)
-        for p in self.path.glob(".*.tmp"):  # streams a killed run did not finish
+        for p in self.path.glob(".*.tmp") if clean else ():  # streams a killed run did not finish
             p.unlink(missing_ok=True)
 
     def _files(self, name: str) -> tuple[Path, Path]:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..quantize import quantize
 from .blockwise import _Stop, _cast, _train_block, pool_indices
+from . import distributed
 from .checkpoint import WorkDir
 from .config import CalibConfig
 from .pool import DiskPool
@@ -95,7 +96,7 @@ def _first_stream(model: nn.Module, calls, pool: list[int], store: DiskPool, chu
     """Write block 0's pooled inputs as pool stream 0; returns (temb (P, D), shared kwargs)."""
     first = _block0_inputs(model, batch_calls(calls, pool[:1]))
     shared = {k: v for k, v in first.items() if k not in (*_STREAMS, "temb")}
-    if not store.exists("stream-000-hidden_states"):
+    if distributed.is_main() and not store.exists("stream-000-hidden_states"):
         outs = {k: store.create(f"stream-000-{k}", (len(pool), *first[k].shape[1:]), first[k].dtype) for k in _STREAMS}
         temb = store.create("temb", (len(pool), *first["temb"].shape[1:]), first["temb"].dtype)
         for c0 in range(0, len(pool), chunk):
@@ -106,6 +107,7 @@ def _first_stream(model: nn.Module, calls, pool: list[int], store: DiskPool, chu
         store.finish("temb")
         for k in _STREAMS:
             store.finish(f"stream-000-{k}")
+    distributed.barrier()  # the other processes read what rank 0 wrote
     return store.open("temb"), shared
 
 
@@ -151,7 +153,8 @@ def train_sequential(
     names = block_names(model)
     n = len(names)
     steps = max(1, config.steps // n)
-    store = DiskPool(work.path / "pool")
+    store = DiskPool(work.path / "pool", clean=distributed.is_main())
+    distributed.barrier()
     pool = pool_indices(len(calls), config.block_pool, config.seed)
     temb, shared = _first_stream(model, calls, pool, store, chunk)
     history: list[float] = []
@@ -164,8 +167,9 @@ def train_sequential(
             bar.update(steps)
             continue
         teacher_blk = source.load(model, name, dev)
-        if not store.exists(f"stream-{i + 1:03d}-hidden_states"):
+        if distributed.is_main() and not store.exists(f"stream-{i + 1:03d}-hidden_states"):
             _advance(teacher_blk, store, i, temb, shared, chunk)
+        distributed.barrier()
         inputs = {k: store.open(f"stream-{i:03d}-{k}") for k in _STREAMS}
         target = {k: store.open(f"stream-{i + 1:03d}-{k}") for k in _STREAMS}
         student = build_student_block(teacher_blk, converted_in(model, name), config)
@@ -175,8 +179,9 @@ def train_sequential(
         history += losses
         del student, done, inputs, target
         release(teacher_blk)
-        for k in _STREAMS:  # block i's inputs are no longer needed
-            store.delete(f"stream-{i:03d}-{k}")
+        for k in _STREAMS:  # block i's inputs are no longer needed (the write above was a barrier)
+            if distributed.is_main():
+                store.delete(f"stream-{i:03d}-{k}")
         if on_block is not None:
             on_block(i)
     bar.close()

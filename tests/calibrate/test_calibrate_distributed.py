@@ -1,0 +1,107 @@
+"""Data-parallel block-wise calibration: 2 CPU processes on gloo equal one process on the same global batch,
+and a distributed run killed after a block resumes to the same result."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+def _config():
+    from bitflux.calibrate import CalibConfig
+    from bitflux.calibrate.command import eval_settings
+
+    kw, _ = eval_settings("toy")
+    return CalibConfig(prompts=2, traj_steps=2, steps=12, batch=4, pipe_kwargs=kw, mode="blockwise", train="all", record_batch=2)
+
+
+def _calibrate(root, work: str, on_block=None):
+    """Sequential block-wise calibration of the toy transformer saved in `root/fp32`."""
+    from bitflux.calibrate import sequential
+    from bitflux.calibrate.api import calibrate_sequential
+    from bitflux.toy.build import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    real = sequential.train_sequential
+    if on_block is not None:
+        sequential.train_sequential = lambda *a, **kw: real(*a, **kw, on_block=on_block)
+    try:
+        model, _ = calibrate_sequential(root / "fp32", PROMPTS, _config(), work_dir=root / work, pipe=pipe, progress=False)
+    finally:
+        sequential.train_sequential = real
+    return model
+
+
+def _worker(rank: int, world: int, port: int, root, work: str, kill_after: int | None) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+    def on_block(i: int) -> None:
+        if i == kill_after:
+            os._exit(17)  # a hard kill of every process right after block i is saved
+
+    from bitflux.calibrate import distributed
+
+    real_shard, log = distributed.shard, root / f"shards-{rank}.txt"
+
+    def shard(idx):
+        mine = real_shard(idx)
+        with open(log, "a") as f:
+            f.write(f"{len(mine)}\n")
+        return mine
+
+    distributed.shard = shard
+
+    model = _calibrate(root, work, on_block if kill_after is not None else None)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / f"{work}.safetensors"))
+    dist.destroy_process_group()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(root, work: str, kill_after: int | None = None) -> None:
+    mp.spawn(_worker, args=(2, _port(), root, work, kill_after), nprocs=2, join=True)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_and_resume_after_a_kill(tmp_path):
+    from safetensors.torch import load_file
+
+    from bitflux.toy.build import build_pipeline
+
+    torch.set_num_threads(1)
+    build_pipeline(seed=0).transformer.save_pretrained(tmp_path / "fp32", max_shard_size="300KB")
+    single = {k: v for k, v in _calibrate(tmp_path, "single").state_dict().items()}
+
+    with pytest.raises(mp.ProcessExitedException):
+        _spawn(tmp_path, "dp", kill_after=1)
+    work = tmp_path / "dp"
+    assert sorted(p.name for p in work.glob("block-*")) == ["block-000.safetensors", "block-001.safetensors"]
+    assert not [p for p in work.rglob("*") if ".tmp" in p.name]
+    _spawn(tmp_path, "dp")  # resumes from block 2
+    dp = load_file(str(tmp_path / "dp.safetensors"))
+
+    assert dp.keys() == single.keys()
+    for k, v in single.items():
+        if v.is_floating_point():  # sums over processes differ from one process only in float order
+            assert torch.allclose(dp[k].float(), v.float(), rtol=1e-3, atol=1e-5), k
+        else:
+            assert torch.equal(dp[k], v), k  # the ternary codes agree exactly
+    sizes = [(tmp_path / f"shards-{r}.txt").read_text().split() for r in (0, 1)]
+    assert set(sizes[0]) == set(sizes[1]) == {"2"}  # each process took half of every global batch of 4
