@@ -5,6 +5,7 @@ ever materialising dense weights, and run it in an ordinary `FluxPipeline`.
 """
 
 from .backend import register as _register_backend
+from .lora import register as _register_lora
 from .checkpoint import load, save
 from .config import ActPrecision, Backend, BitfluxConfig, InitMethod, PackFormat, QuantConfig
 from .errors import BitfluxError, CheckpointError, FormatError, ModelError, OutputExistsError
@@ -16,6 +17,7 @@ from .quantize import quantize, set_activations, set_backend
 from .calibrate import CalibConfig, calibrate  # noqa: E402
 
 _register_backend()  # diffusers' from_pretrained now knows quant_method "bitflux"
+_register_lora()  # peft/diffusers LoRA handle TernaryLinear (patched when peft is imported)
 
 __version__ = "0.1.0"
 
