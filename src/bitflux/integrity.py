@@ -177,7 +177,7 @@ def verify(directory: str | os.PathLike, config: dict[str, Any], *, contents: bo
             raise CheckpointError(f"{path}: recorded in config.json but missing")
         size = os.stat(path).st_size if path.is_file() else None
         if size is not None and size != item["bytes"]:
-            raise CheckpointError(f"{path}: {size:,} bytes, recorded {item['bytes']:,} (truncated or replaced)")
+            raise CheckpointError(f"{path}: truncated or corrupted ({size:,} bytes, recorded {item['bytes']:,})")
         if size is None:
             open_regular(path)  # names what it is instead (FIFO, directory, device)
         if contents and file_digest(path, algorithm)[1] != item["hash"]:
