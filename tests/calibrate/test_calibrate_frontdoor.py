@@ -91,6 +91,7 @@ def test_blockwise_from_a_bf16_transformer_dir_keeps_bf16_and_takes_bf16_inputs(
     model = load(out)
     dtypes = {p.dtype for n, p in model.named_parameters()}
     assert dtypes == {torch.bfloat16}, dtypes
+    assert any("48x48" in line for line in err)
     cfg = model.config
     x = torch.randn(1, 9, cfg.in_channels, dtype=torch.bfloat16)
     enc = torch.randn(1, 4, cfg.joint_attention_dim, dtype=torch.bfloat16)
@@ -101,3 +102,25 @@ def test_blockwise_from_a_bf16_transformer_dir_keeps_bf16_and_takes_bf16_inputs(
     with torch.no_grad():
         y = model(**kw, return_dict=False)[0]
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_a_bare_transformer_with_cached_embeddings_needs_no_pipeline(dirs, tmp_path, capsys):
+    """Block-wise from a transformer directory and an embeddings file: no text encoders are ever loaded."""
+    from safetensors.torch import save_file
+
+    from bitflux.calibrate import CalibConfig
+    from bitflux.calibrate.command import eval_settings
+    from bitflux.calibrate.embeddings import encode_prompts
+    from bitflux.toy.build import build_pipeline
+
+    kw, _ = eval_settings("toy")
+    embeds = encode_prompts(build_pipeline(seed=0), PROMPTS, CalibConfig(prompts=3, pipe_kwargs=kw), progress=False)
+    save_file(embeds, str(tmp_path / "e.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    prompts = str(dirs / "prompts.txt")
+    args = ["--prompts", prompts, "--mode", "blockwise", "--height", "48", "--width", "48", *FAST[:-4], "--threads", "1"]
+    rc, err, _ = _run(["calibrate", str(dirs / "fp32"), str(tmp_path / "x"), "--embeddings", str(tmp_path / "bad.safetensors"), *args], capsys)
+    assert rc == 2 and len(err) == 1 and "bad.safetensors" in err[0], err
+    rc, err, _ = _run(["calibrate", str(dirs / "fp32"), str(tmp_path / "q"), "--embeddings", str(tmp_path / "e.safetensors"), *args], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "q" / "config.json").exists() and not (tmp_path / "q.partial").exists()

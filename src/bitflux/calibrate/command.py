@@ -120,8 +120,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts, args.num_prompts, args.seed, source.pipeline)
     if work.exists():  # a damaged or mismatched checkpoint fails before any model is loaded
         WorkDir(work, config)
-    if source.pipeline is None and (config.mode is Mode.JOINT or not (work / "embeddings.safetensors").exists()):
-        raise ModelError(f"{args.src}: a transformer directory needs --base PIPELINE (text encoders, scheduler)")
+    embeds = _read_embeddings(args.embeddings) if args.embeddings else None
+    cached = embeds is not None or (work / "embeddings.safetensors").exists()
+    if source.pipeline is None and (config.mode is Mode.JOINT or not cached):
+        raise ModelError(f"{args.src}: a transformer directory needs --base PIPELINE (text encoders, scheduler)"
+                         + ("" if config.mode is Mode.JOINT else " or --embeddings FILE"))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _init_distributed(device, config)
@@ -133,7 +136,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         from .api import calibrate_sequential
 
         pipe = _load(source.pipeline, dtype, transformer=None, vae=None) if source.pipeline else None
-        model, stats = calibrate_sequential(source.transformer, prompts, config, work_dir=work, pipe=pipe, device=device,
+        model, stats = calibrate_sequential(source.transformer, prompts, config, work_dir=work, pipe=pipe, embeds=embeds, device=device,
                                             source_name=args.src, progress=not args.json and distributed.is_main(),
                                             grad_checkpoint=args.grad_checkpoint)
     else:
@@ -148,6 +151,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # rank 0 writes the result
         distributed.barrier()
         return 0
+    from ..atomic import remove_stale_temps
+
+    remove_stale_temps(out)  # `.OUT.tmp-PID` of a save that was killed (its process gone)
     save(model, out, extra_json={"calibration.json": stats})
     finish_work_dir(work)
     distributed.barrier()
@@ -156,6 +162,21 @@ def _calibrate(args: argparse.Namespace) -> int:
     text = f"wrote {out}: {stats['prompts']} prompts, {config.steps} steps at {height}x{width} in {stats['seconds']}s, final loss {loss}"
     print_result(report, args.json, text)
     return 0
+
+
+def _read_embeddings(path: str) -> dict:
+    """Prompt embeddings from a safetensors file (prompt_embeds (P, S, D), pooled_prompt_embeds (P, D2), negative_*)."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise BitfluxError(f"embeddings file not found: {path}") from None
+    except Exception as e:  # safetensors' own error types for torn or foreign files
+        raise BitfluxError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if not {"prompt_embeds", "pooled_prompt_embeds"} <= tensors.keys():
+        raise BitfluxError(f"{path}: needs tensors prompt_embeds and pooled_prompt_embeds")
+    return tensors
 
 
 def _init_distributed(device, config: CalibConfig):
@@ -241,6 +262,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts, trajectories, batches")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--embeddings", help="block-wise, without --base: a safetensors file of the prompts' embeddings "
+                   "(prompt_embeds (P, S, D), pooled_prompt_embeds (P, D2); negative_* for real CFG) instead of text encoders")
     p.add_argument("--height", type=int, help="image height of the teacher trajectories (default: toy's eval size, else 1024)")
     p.add_argument("--width", type=int, help="image width (default: toy's eval size, else 1024)")
     p.add_argument("--device", default="cpu", help="torch device that trains (and, block-wise, holds the current block)")
