@@ -132,7 +132,11 @@ class BitfluxQuantizer(DiffusersQuantizer):
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        from .validate import check_model_config
+
         cfg: QuantConfig = self.quantization_config
+        config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "quantization_config"}
+        check_model_config({**config, "_class_name": type(model).__name__}, type(model).__name__)
         policy = policy_for(model, cfg.policy, include=cfg.include, exclude=cfg.exclude)
         keep = replace_linears(model, cfg, policy)
         stored = set(cfg.modules_not_converted)
@@ -141,11 +145,19 @@ class BitfluxQuantizer(DiffusersQuantizer):
                 f"quantization_config.modules_not_converted disagrees with policy {policy.name!r} for {type(model).__name__}"
             )
         if getattr(self, "_packed", False) and self._files:  # refuse stored tensors that disagree, headers only
-            from .tensorcheck import check_headers, expected_state, read_headers
+            from .tensorcheck import check_headers, check_index_headers, expected_state, read_headers
 
             ternary = {n for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
             expected = {k: v for k, v in expected_state(model).items() if k.rpartition(".")[::2] not in {(n, _PENDING) for n in ternary}}
-            check_headers(expected, read_headers(self._files), self._files[0].parent)
+            headers = read_headers(self._files)
+            check_headers(expected, headers, self._files[0].parent)
+            index = self._files[0].parent / "diffusion_pytorch_model.safetensors.index.json"
+            if len(self._files) > 1 and index.is_file():
+                from .safeio import read_json_object
+                from .validate import check_index
+
+                raw = read_json_object(index)
+                check_index_headers(check_index(raw, index), headers, raw.get("metadata", {}).get("total_size"), index)
         for mod in model.modules():
             if isinstance(mod, TernaryLinear):
                 dtype = mod.bias.dtype if mod.bias is not None else torch.bfloat16

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .atomic import atomic_dir  # noqa: F401 - re-exported: calibration and tools write through it
 from .config import FORMAT_VERSIONS, QUANT_METHOD, ActPrecision, Backend, PackFormat, QuantConfig
 from .errors import BitfluxError, CheckpointError, FormatError, ModelError, OutputExistsError
 from .linear import TernaryLinear
@@ -32,19 +33,6 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
 # ------------------------------------------------------------------------------------------- paths
-def atomic_dir(out: str | os.PathLike) -> tuple[Path, Path]:
-    """(final path, temporary sibling to write into); raises if the final path exists."""
-    out = Path(out)
-    if out.exists():
-        raise OutputExistsError(f"output path exists: {out} (bitflux never overwrites)")
-    if not out.parent.exists():
-        raise ModelError(f"parent directory does not exist: {out.parent}")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return out, tmp
-
-
 def read_json(path: Path, what: str = "config") -> dict[str, Any]:
     """Read a JSON object, turning I/O and syntax problems into one-line errors."""
     try:
@@ -283,12 +271,14 @@ _FLOAT_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
 
 def is_bitflux_dir(path: str | os.PathLike) -> bool:
     """True if `path` is a directory whose config.json carries a bitflux quantization_config."""
+    from .safeio import read_json_object
+
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
     try:
-        qc = json.loads(cfg.read_text()).get("quantization_config")
-    except (OSError, ValueError):
+        qc = read_json_object(cfg).get("quantization_config")
+    except BitfluxError:
         return False
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 

@@ -100,6 +100,9 @@ class QuantConfig(QuantizationConfigMixin):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """From a config.json `quantization_config` (diffusers calls this); unknown keys are refused."""
+        from .validate import check_quantization_config
+
+        check_quantization_config({"quant_method": QUANT_METHOD, **config_dict}, "quantization_config")
         known = {"format", "init", "activations", "policy", "include", "exclude", "modules_not_converted", "source"}
         d = {k: v for k, v in {**config_dict, **kwargs}.items() if k in known}
         cfg = cls(**d)

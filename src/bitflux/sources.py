@@ -99,6 +99,13 @@ def _check_dense(source: Source) -> None:
             raise ModelError(f"{source.location}: already a bitflux checkpoint (load it with bitflux.load)")
         raise ModelError(f"{source.location}: already quantised by another backend ({method!r}); bitflux needs the full-precision model")
     check_model_config(config, cfg_path)
+    from .archs import build_meta_model
+    from .policies import policy_for
+
+    meta = build_meta_model(config)
+    policy = policy_for(meta)  # one line before any weight is read if no policy fits the class
+    if not policy.select(meta)[0]:
+        raise ModelError(f"{cfg_path}: policy {policy.name!r} selects no Linear layers in {type(meta).__name__}")
 
 
 def _stored_dtype(source: Source) -> torch.dtype | None:

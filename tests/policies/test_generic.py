@@ -114,7 +114,7 @@ def test_generic_quantisation_with_an_exclude_glob_equals_the_dequantised_refere
     model, kw = build("chroma")
     float_model = copy.deepcopy(model)
     policy = policy_for(model, "generic", exclude=("*.ff_context.*",))
-    q = bitflux.quantize(model, QuantConfig(), policy=policy)
+    q = bitflux.quantize(model, QuantConfig(activations="bf16"), policy=policy)
     bitflux.set_backend(q, "reference")
     assert isinstance(q.transformer_blocks[0].ff_context.net[2], nn.Linear)
     assert isinstance(q.transformer_blocks[0].ff.net[2], TernaryLinear)

@@ -42,7 +42,7 @@ def test_llm_quantised_forward_equals_dequantised_reference(name: str) -> None:
     assert policy_for(model) is get_policy(name)
     float_model = copy.deepcopy(model)
     n_layer_linears = sum(isinstance(m, nn.Linear) for m in model.model.layers.modules())
-    q = bitflux.quantize(model, QuantConfig(policy=name))
+    q = bitflux.quantize(model, QuantConfig(policy=name, activations="bf16"))
     bitflux.set_backend(q, "reference")
     assert sum(isinstance(m, TernaryLinear) for m in q.modules()) == n_layer_linears == 2 * 7
     assert isinstance(q.lm_head, nn.Linear) and isinstance(q.model.embed_tokens, nn.Embedding)

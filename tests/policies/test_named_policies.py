@@ -43,7 +43,7 @@ def test_policy_keeps_the_stated_linears_and_ternarises_the_blocks(name: str) ->
 def test_quantised_forward_equals_dequantised_reference(name: str) -> None:
     model, kw = build(name)
     float_model = copy.deepcopy(model)
-    q = bitflux.quantize(model, QuantConfig(policy=name))
+    q = bitflux.quantize(model, QuantConfig(policy=name, activations="bf16"))
     bitflux.set_backend(q, "reference")
     assert q.bitflux_config.policy == name
     n_ternary = sum(isinstance(m, TernaryLinear) for m in q.modules())

@@ -22,7 +22,7 @@ def _ternary(model: torch.nn.Module) -> dict[str, TernaryLinear]:
 def test_save_then_from_pretrained_round_trip(name: str, tmp_path) -> None:
     model, kw = build(name)
     float_model = copy.deepcopy(model)
-    q = bitflux.quantize(model, QuantConfig(policy=name, format="base3" if name in ("sd3", "wan") else "2bit"))
+    q = bitflux.quantize(model, QuantConfig(policy=name, activations="bf16", format="base3" if name in ("sd3", "wan") else "2bit"))
     bitflux.set_backend(q, "reference")
     out = bitflux.save(q, tmp_path / "q")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
