@@ -83,6 +83,7 @@ def calibrate(
     stats = {
         "prompts": len(prompts),
         "recorded_calls": len(calls),
+        "resolution": [config.pipe_kwargs.get("height"), config.pipe_kwargs.get("width")],
         "on_policy_steps": config.on_policy_steps(),
         "record_seconds": round(t_rec, 1),
         "seconds": round(time.perf_counter() - t0, 1),
