@@ -159,7 +159,7 @@ class BitfluxQuantizer(DiffusersQuantizer):
                 raw = read_json_object(index)
                 check_index_headers(check_index(raw, index), headers, raw.get("metadata", {}).get("total_size"), index)
         for mod in model.modules():
-            if isinstance(mod, TernaryLinear):
+            if isinstance(mod, TernaryLinear) and not getattr(self, "_packed", False):  # a dense source fills it
                 dtype = mod.bias.dtype if mod.bias is not None else torch.bfloat16
                 shape = (mod.out_features, mod.in_features)
                 mod.register_parameter(_PENDING, nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), False))

@@ -177,3 +177,11 @@ def test_missing_tensors_are_an_error_not_random_weights(packed_dir):
     save_file(sd, f)
     with pytest.raises(CheckpointError):
         FluxTransformer2DModel.from_pretrained(packed_dir)
+
+
+def test_device_map_and_low_cpu_mem_usage_behave_as_for_other_backends(packed_dir):
+    ref = bitflux.load(packed_dir)
+    mapped = FluxTransformer2DModel.from_pretrained(packed_dir, torch_dtype=torch.bfloat16, device_map="cpu")
+    assert _equal_states(ref, mapped)
+    with pytest.raises(ValueError, match="low_cpu_mem_usage"):  # diffusers' rule for every quantization backend
+        FluxTransformer2DModel.from_pretrained(packed_dir, low_cpu_mem_usage=False)
