@@ -102,6 +102,15 @@ def _own_storage(model: nn.Module) -> None:
                 store[name] = nn.Parameter(own, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else own
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it, and the per-tensor transients of a
+    12B-parameter load would otherwise pile up as resident memory)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _module_and_tensor(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
     prefix, _, tensor = param_name.rpartition(".")
     return (model.get_submodule(prefix) if prefix else model), tensor
@@ -219,6 +228,7 @@ class BitfluxQuantizer(DiffusersQuantizer):
         del module._parameters[_PENDING]
         del w, codes, scale
         _release_pages(source)
+        _trim_heap()
 
     # ---------------------------------------------------------------------------- after the load
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
