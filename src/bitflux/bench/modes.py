@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows["full precision"].update(overall=full["overall"], quality_vs_full_precision=1.0)
         q_pipe = load_model("toy-1.58bit")
         q_pipe.set_progress_bar_config(disable=True)
-        for mode in MODES:
+        for mode in sorted(MODES, key=lambda m: m == "auto"):  # auto last: it may reuse its mode's row
             if mode == "auto" and auto_same and resolved in MODES:
                 rows["auto"].update({k: v for k, v in rows[resolved].items() if k not in ("forward_ms", "speed_vs_full_precision")})
                 rows["auto"]["quality_from"] = resolved
