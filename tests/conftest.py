@@ -34,20 +34,9 @@ def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) ->
 
 def flux_inputs(model: FluxTransformer2DModel, seed: int = 1, tokens: int = 16, text: int = 8) -> dict:
     """Deterministic forward() kwargs for `model`."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    kw = dict(
-        hidden_states=torch.randn(1, tokens, cfg.in_channels, generator=g).to(dtype),
-        encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, generator=g).to(dtype),
-        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dtype),
-        timestep=torch.tensor([0.5], dtype=dtype),
-        img_ids=torch.zeros(tokens, 3),
-        txt_ids=torch.zeros(text, 3),
-    )
-    if cfg.guidance_embeds:
-        kw["guidance"] = torch.tensor([3.5], dtype=dtype)
-    return kw
+    from bitflux.bench.synth import flux_inputs as inputs
+
+    return inputs(model.config, tokens, text, next(model.parameters()).dtype, seed)
 
 
 @pytest.fixture

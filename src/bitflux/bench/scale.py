@@ -77,19 +77,9 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _inputs(cfg, side: int, dtype: torch.dtype, text: int = 512) -> dict:
-    tokens = (side // 16) ** 2  # 8x VAE, 2x2 patches
-    g = torch.Generator().manual_seed(0)
-    kw = dict(
-        hidden_states=torch.randn(1, tokens, cfg.in_channels, generator=g).to(dtype),
-        encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, generator=g).to(dtype),
-        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dtype),
-        timestep=torch.tensor([0.5], dtype=dtype),
-        img_ids=torch.zeros(tokens, 3),
-        txt_ids=torch.zeros(text, 3),
-    )
-    if cfg.guidance_embeds:
-        kw["guidance"] = torch.tensor([3.5], dtype=dtype)
-    return kw
+    from .synth import flux_inputs
+
+    return flux_inputs(cfg, (side // 16) ** 2, text, dtype)  # 8x VAE, 2x2 patches
 
 
 def _time(fn, repeats: int = 2) -> float:

@@ -55,6 +55,23 @@ def _random(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) ->
     return (torch.randn(shape, generator=g) * 0.02).to(dtype)
 
 
+def flux_inputs(config, tokens: int, text: int, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Deterministic forward() kwargs for a FLUX transformer with `config`: one image of `tokens`
+    patches and `text` T5 tokens (the shapes of one denoising step)."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(
+        hidden_states=torch.randn(1, tokens, config.in_channels, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(1, text, config.joint_attention_dim, generator=g).to(dtype),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g).to(dtype),
+        timestep=torch.tensor([0.5], dtype=dtype),
+        img_ids=torch.zeros(tokens, 3),
+        txt_ids=torch.zeros(text, 3),
+    )
+    if config.guidance_embeds:
+        kw["guidance"] = torch.tensor([3.5], dtype=dtype)
+    return kw
+
+
 def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], tensors: Iterator[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file from `specs` (header first) and tensors yielded in `specs` order.
 
