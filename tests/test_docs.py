@@ -71,9 +71,9 @@ def check_parses(command: str) -> None:
     if getattr(args, "passthrough", False):  # bench: the rest goes to the device benchmark's parser
         import importlib
 
-        from bitflux.bench.commands import _MODULES, _parts
+        from bitflux.bench.commands import module_for
 
-        module = "bitflux.bench.peers" if "peers" in _parts(extra) else _MODULES[args.device]
+        module = module_for(args.device, extra)
         sub = argparse.ArgumentParser(prog="bench")
         importlib.import_module(module).add_arguments(sub)
         try:

@@ -16,18 +16,26 @@ def _parts(extra: list[str]) -> set[str]:
     return {p.strip() for v in vals for p in v.split(",") if p.strip()}
 
 
+# --parts that are benchmarks of their own (CPU), by module
+_PART_MODULES = {
+    "peers": "bitflux.bench.peers",  # other quantisers on the toy
+    "calibrate-scale": "bitflux.bench.calibrate_scale",  # block-wise calibration, FLUX.1-dev shapes
+    "modes": "bitflux.bench.modes",  # the default activation mode vs each mode on the toy
+    "scale": "bitflux.bench.scale",  # FLUX.1-dev at full size: write, quantise, load, one step
+    "checks": "bitflux.bench.checks",  # what checking a full-size checkpoint costs
+}
+
+
+def module_for(device: str, extra: list[str]) -> str:
+    """The benchmark module that the --device and --parts among `extra` name."""
+    for part, module in _PART_MODULES.items():
+        if part in _parts(extra):
+            return module
+    return _MODULES[device]
+
+
 def _bench(args: argparse.Namespace) -> int:
-    module = _MODULES[args.device]
-    if "peers" in _parts(args.extra):  # other quantisers on the toy (CPU): bitflux.bench.peers
-        module = "bitflux.bench.peers"
-    if "calibrate-scale" in _parts(args.extra):  # block-wise calibration of a FLUX.1-dev-shaped model (CPU)
-        module = "bitflux.bench.calibrate_scale"
-    if "modes" in _parts(args.extra):  # the default activation mode vs each mode on the toy: speed + eval
-        module = "bitflux.bench.modes"
-    if "scale" in _parts(args.extra):  # FLUX.1-dev at full size: write, quantise, load, one step (CPU)
-        module = "bitflux.bench.scale"
-    if "checks" in _parts(args.extra):  # what checking a full-size checkpoint costs (CPU)
-        module = "bitflux.bench.checks"
+    module = module_for(args.device, args.extra)
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
