@@ -22,10 +22,8 @@ from torch import nn
 
 from .atomic import atomic_dir  # noqa: F401 - re-exported: calibration and tools write through it
 from .config import FORMAT_VERSIONS, QUANT_METHOD, ActPrecision, Backend, PackFormat, QuantConfig
-from .errors import BitfluxError, CheckpointError, FormatError, ModelError, OutputExistsError
-from .linear import TernaryLinear
-from .packing import check_packed
-from .quantize import quantize, set_activations, set_backend
+from .errors import BitfluxError, CheckpointError, FormatError, ModelError
+from .quantize import set_activations, set_backend
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import is_bitflux_dir, load, read_json, stored_float_dtype
+from .checkpoint import is_bitflux_dir, load, read_json
 from .errors import ModelError
 
 
@@ -91,33 +91,3 @@ def load_pipeline(ref: ModelRef, transformer: nn.Module | None = None, dtype: to
         return FluxPipeline.from_pretrained(ref.pipeline, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelError(f"cannot load pipeline {ref.pipeline}: {str(e).splitlines()[0]}") from None
-
-
-def load_full_transformer(src: str, dtype: torch.dtype | None = None) -> nn.Module:
-    """The full-precision FLUX transformer of SRC (bundled name, pipeline dir, transformer dir, hub id)."""
-    from diffusers import FluxTransformer2DModel
-
-    path = bundled(src) or Path(src)
-    subfolder = None
-    if path.is_dir():
-        if (path / "model_index.json").is_file():
-            path = path / "transformer"
-        cfg = read_json(path / "config.json")
-        if "quantization_config" in cfg:
-            raise ModelError(f"{src}: already quantised")
-        if cfg.get("_class_name") != "FluxTransformer2DModel":
-            raise ModelError(f"{src}: not a FLUX transformer (config says {cfg.get('_class_name')!r})")
-        name = str(path)
-        if dtype is None:  # keep the stored dtype (diffusers would upcast to fp32)
-            dtype = stored_float_dtype(path)
-    elif path.exists():
-        raise ModelError(f"{src}: not a directory")
-    elif is_hub_id(src):
-        name, subfolder = src, "transformer"  # needs network
-    else:
-        raise ModelError(f"no such model: {src} (not a bundled name, directory or hub id)")
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    try:
-        return FluxTransformer2DModel.from_pretrained(name, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"cannot load FLUX transformer from {src}: {str(e).splitlines()[0]}") from None

@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     world = world_for(args.model)  # the model's toy world: its grammar, split and palette
     items = load_prompts(args.prompts, args.n, args.prompt_seed, world)
     cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg_scale)
-    pipe = load_model(args.model, naive=args.naive)
+    pipe = load_model(args.model, naive=args.naive, verify=not args.no_verify)
     if args.activations or args.backend:
         from ..quantize import set_activations, set_backend
 
@@ -147,6 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--naive", action="store_true", help="ternarise the model in memory by plain absmean rounding first")
     p.add_argument("--grid", metavar="PNG", help="save a grid: toy (full precision) vs MODEL on a few prompts")
     p.add_argument("--no-fidelity", action="store_true", help="skip generating the toy reference (halves the time)")
+    p.add_argument("--no-verify", action="store_true", help="skip the check of the checkpoint's recorded file hashes")
     p.add_argument("--threads", type=argtypes.nonneg_int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object (overall, one key per category, fidelity)")
     p.set_defaults(func=_run)

@@ -187,7 +187,7 @@ def _quiet_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_model(model: str, naive: bool = False):
+def load_model(model: str, naive: bool = False, verify: bool = True):
     """The pipeline for MODEL (bundled name, pipeline dir, quantised transformer dir).
 
     naive=True ternarises the full-precision transformer in memory by plain absmean rounding.
@@ -197,7 +197,7 @@ def load_model(model: str, naive: bool = False):
     _quiet_loading()
     ref = resolve(model, "toy")
     try:
-        transformer = load_transformer(ref)
+        transformer = load_transformer(ref, verify=verify)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load transformer {ref.transformer}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if naive:
