@@ -4,6 +4,10 @@ Public API: `quantize` a FLUX transformer in place, `save` it packed, `load` it 
 ever materialising dense weights, and run it in an ordinary `FluxPipeline`.
 """
 
+from . import _quiet
+
+_quiet.install()  # before diffusers/transformers are imported: known third-party notices only
+
 from .backend import register as _register_backend
 from .lora import register as _register_lora
 from .checkpoint import load, save

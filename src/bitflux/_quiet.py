@@ -2,7 +2,7 @@
 
 Each filter matches one exact message at its source (a logger or a warning category + message
 regex), so any other warning from the same library still shows. Installed by the CLI and
-`make demo` before they import diffusers/transformers; the library itself filters nothing.
+`make demo` before they import diffusers/transformers, and by `import bitflux` for library users.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import warnings
 # uses them for images (toy text encoders only), so the notice is noise here.
 _TRANSFORMERS_LOGGER = "transformers.utils.import_utils"
 _TORCHVISION_FALLBACK = re.compile(r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+Pil`")
+
+# diffusers' ModelMixin.to(dtype) warns about fp32 modules even when the list of them is empty.
+_DIFFUSERS_LOGGER = "diffusers.models.modeling_utils"
+_EMPTY_FP32_MODULES = re.compile(r"There are modules in \w+ that should be kept in float32: \[\]\.")
 
 # torch's own torch/utils/mkldnn.py uses the deprecated `torch.jit.script_method` when torch's
 # inductor is imported (diffusers imports it); only visible with -W default or under pytest.
@@ -40,5 +44,8 @@ def install() -> None:
     logger = logging.getLogger(_TRANSFORMERS_LOGGER)
     if not any(isinstance(f, _DropMessages) for f in logger.filters):
         logger.addFilter(_DropMessages(_TORCHVISION_FALLBACK))
+    diffusers_logger = logging.getLogger(_DIFFUSERS_LOGGER)
+    if not any(isinstance(f, _DropMessages) for f in diffusers_logger.filters):
+        diffusers_logger.addFilter(_DropMessages(_EMPTY_FP32_MODULES))
     for category, message in _WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
