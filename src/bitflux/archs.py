@@ -136,23 +136,14 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-def model_class(config: dict[str, Any]) -> type[nn.Module]:
-    """The diffusers model class a config.json names in `_class_name`."""
-    import diffusers
-
-    name = config.get("_class_name")
-    cls = getattr(diffusers, str(name), None) if name else None
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise ModelError(f"config.json names no diffusers model class ({name!r})")
-    return cls
-
-
 def build_meta_model(config: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """The diffusers model `config` describes, on the meta device in `dtype` (no memory, no weights)."""
     from diffusers.models.modeling_utils import no_init_weights
     from diffusers.utils import logging as diffusers_logging
 
-    cls = model_class(config)
+    from .validate import model_class
+
+    cls = model_class(config, "config.json")
     kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # silence the "cast with .to()" advice: meta tensors only

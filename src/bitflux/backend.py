@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import functools
 import mmap
 import os
 from pathlib import Path
@@ -69,6 +70,14 @@ def attach(model: nn.Module, config: QuantConfig) -> None:
         model.register_to_config(quantization_config=config)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _release_pages(t: torch.Tensor) -> None:
     """Ask the kernel to drop the resident pages of a consumed, file-backed (mmap) source tensor.
 
@@ -80,8 +89,8 @@ def _release_pages(t: torch.Tensor) -> None:
     page = mmap.PAGESIZE
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     lo, hi = (start + page - 1) // page * page, end // page * page
-    if hi > lo:
-        libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
+    if hi > lo and libc is not None:
         libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_PAGEOUT))
 
 
@@ -105,10 +114,9 @@ def _own_storage(model: nn.Module) -> None:
 def _trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it, and the per-tensor transients of a
     12B-parameter load would otherwise pile up as resident memory)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 def _module_and_tensor(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 
 from .atomic import atomic_dir  # noqa: F401 - re-exported: calibration and tools write through it
-from .config import FORMAT_VERSIONS, QUANT_METHOD, ActPrecision, Backend, PackFormat, QuantConfig
-from .errors import BitfluxError, CheckpointError, FormatError, ModelError
+from .config import QUANT_METHOD, ActPrecision, Backend, QuantConfig
+from .errors import BitfluxError, CheckpointError, ModelError
 from .quantize import set_activations, set_backend
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -31,21 +31,6 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
 # ------------------------------------------------------------------------------------------- paths
-def read_json(path: Path, what: str = "config") -> dict[str, Any]:
-    """Read a JSON object, turning I/O and syntax problems into one-line errors."""
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{path.parent}: no {path.name} (not a diffusers model directory)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelError(f"cannot read {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return obj
-
-
 def model_config_dict(model: nn.Module) -> dict[str, Any]:
     """The model's own diffusers config as plain JSON data (private keys dropped)."""
     import diffusers
@@ -100,30 +85,11 @@ def save(
 
 # -------------------------------------------------------------------------------------------- load
 def quant_config_from(config: dict[str, Any], where: Path) -> QuantConfig:
-    """Validate a config.json's `quantization_config` and turn it into a QuantConfig."""
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise ModelError(f"{where}: not a bitflux checkpoint (no bitflux quantization_config); use `bitflux quantize`")
-    try:
-        fmt = PackFormat(qc.get("format"))
-    except ValueError:
-        raise FormatError(f"{where}: unknown packing format {qc.get('format')!r}") from None
-    if qc.get("format_version") != FORMAT_VERSIONS[fmt]:
-        raise FormatError(
-            f"{where}: {fmt.value} format version {qc.get('format_version')!r} is not supported "
-            f"(this bitflux reads version {FORMAT_VERSIONS[fmt]})"
-        )
-    try:
-        return QuantConfig(
-            format=fmt,
-            init=qc.get("init", "absmean"),
-            activations=qc.get("activations", "bf16"),
-            policy=qc.get("policy", "flux"),
-            modules_not_converted=tuple(qc.get("modules_not_converted", ())),
-            source=str(qc.get("source", "")),
-        )
-    except ValueError as e:
-        raise CheckpointError(f"{where}: bad quantization_config: {e}") from None
+    """Validate a config.json's `quantization_config` (validate.py's schema) and turn it into a QuantConfig."""
+    from .validate import check_quantization_config
+
+    check_quantization_config(config.get("quantization_config"), where)
+    return QuantConfig.from_dict(config["quantization_config"])
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -241,15 +207,13 @@ def load(
     """
     from .backend import _VERIFY
     from .safeio import read_json_object
-    from .tensorcheck import read_headers
-    from .validate import check_model_config, check_quantization_config
+    from .validate import check_model_config
 
     path = model_dir(path)
     config = read_json_object(path / "config.json")
-    check_quantization_config(config.get("quantization_config"), path / "config.json")
+    quant_config_from(config, path / "config.json")
     cls = check_model_config(config, path / "config.json")
-    stored = next((h.dtype for h in read_headers(weight_files(path)).values() if h.dtype in _FLOAT_NAMES), "BF16")
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype or _FLOAT_NAMES[stored]}
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype or stored_float_dtype(path)}
     if device not in (None, "cpu"):
         kwargs["device_map"] = str(device)
     token = _VERIFY.set(verify)
@@ -262,9 +226,6 @@ def load(
     if backend is not None:
         set_backend(model, backend)
     return model.eval()
-
-
-_FLOAT_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def is_bitflux_dir(path: str | os.PathLike) -> bool:
@@ -281,36 +242,13 @@ def is_bitflux_dir(path: str | os.PathLike) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
-def stored_tensor_bytes(files: list[Path]) -> int:
-    """Bytes of the tensors in safetensors files, read from their headers (nothing is loaded)."""
-    total = 0
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    sl = fh.get_slice(k)
-                    total += math.prod(sl.get_shape()) * _DTYPE_BYTES[sl.get_dtype()]
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: truncated or corrupted safetensors file ({str(e).splitlines()[0]})") from None
-    return total
-
-
 def stored_float_dtype(path: Path) -> torch.dtype:
-    """The dtype of the first floating-point tensor stored in a model directory (bf16 if none)."""
-    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-    for f in weight_files(path):
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    dt = fh.get_slice(k).get_dtype()
-                    if dt in names:
-                        return names[dt]
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: truncated or corrupted safetensors file ({str(e).splitlines()[0]})") from None
-    return torch.bfloat16
+    """The dtype of the first floating-point tensor stored in a model directory or single file
+    (bf16 if none); headers only, first file only."""
+    from .tensorcheck import FLOAT_DTYPES, read_headers
 
-
-_DTYPE_BYTES = {"U8": 1, "I8": 1, "F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
+    files = [path] if path.is_file() else weight_files(path)[:1]
+    return next((FLOAT_DTYPES[h.dtype] for h in read_headers(files).values() if h.dtype in FLOAT_DTYPES), torch.bfloat16)
 
 
 def tensor_bytes(state: dict[str, torch.Tensor]) -> int:

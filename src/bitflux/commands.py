@@ -163,7 +163,7 @@ def _pipeline_defaults(pipeline: str) -> dict:
     info = Path(pipeline) / "bitflux_toy.json"
     if not info.is_file():
         return {}
-    from .checkpoint import read_json
+    from .safeio import read_json_object as read_json
     from .toy.world import TEXT_LENGTH
 
     rec = read_json(info)

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import is_bitflux_dir, load, read_json
+from .checkpoint import is_bitflux_dir, load
+from .safeio import read_json_object as read_json
 from .errors import ModelError
 
 

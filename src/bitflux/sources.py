@@ -83,10 +83,11 @@ def resolve_source(src: str) -> Source:
     raise ModelError(f"no such model: {src} (not a bundled name, directory, .safetensors file or hub id)")
 
 
-def _check_dense(source: Source) -> None:
-    """A directory source must be an unquantised diffusers model of a class bitflux has a policy for."""
+def _check_dense(source: Source) -> type | None:
+    """A directory source must be an unquantised diffusers model of a class bitflux has a policy
+    for; returns that class (None for files and hub ids, whose class is FLUX's)."""
     if source.kind != "dir":
-        return
+        return None
     from .safeio import read_json_object
     from .validate import check_model_config
 
@@ -98,7 +99,7 @@ def _check_dense(source: Source) -> None:
         if method == QUANT_METHOD:
             raise ModelError(f"{source.location}: already a bitflux checkpoint (load it with bitflux.load)")
         raise ModelError(f"{source.location}: already quantised by another backend ({method!r}); bitflux needs the full-precision model")
-    check_model_config(config, cfg_path)
+    cls = check_model_config(config, cfg_path)
     from .archs import build_meta_model
     from .policies import policy_for
 
@@ -106,22 +107,16 @@ def _check_dense(source: Source) -> None:
     policy = policy_for(meta)  # one line before any weight is read if no policy fits the class
     if not policy.select(meta)[0]:
         raise ModelError(f"{cfg_path}: policy {policy.name!r} selects no Linear layers in {type(meta).__name__}")
+    return cls
 
 
-def _stored_dtype(source: Source) -> torch.dtype | None:
-    """The float dtype of the source's first stored tensor (so bf16 stays bf16; diffusers would upcast)."""
+def _stored_dtype(source: Source) -> torch.dtype:
+    """The source's stored float dtype (so bf16 stays bf16; diffusers would upcast); hub ids: bf16."""
+    from .checkpoint import stored_float_dtype
+
     if source.kind == "hub":
         return torch.bfloat16
-    from .tensorcheck import read_headers
-
-    if source.kind == "file":
-        files = [Path(source.location)]
-    else:
-        from .checkpoint import weight_files
-
-        files = weight_files(Path(source.location) / (source.subfolder or ""))
-    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-    return next((names[h.dtype] for h in read_headers(files[:1]).values() if h.dtype in names), None)
+    return stored_float_dtype(Path(source.location) / (source.subfolder or ""))
 
 
 def quantize_from(
@@ -139,29 +134,20 @@ def quantize_from(
     """
     from dataclasses import replace
 
+    from diffusers import FluxTransformer2DModel
+
     from .checkpoint import from_pretrained
-    from .safeio import read_json_object
-    from .validate import model_class
 
     source = resolve_source(src)
-    _check_dense(source)
+    cls = _check_dense(source) or FluxTransformer2DModel
     config = replace(config, source=source.record)
     kwargs: dict[str, Any] = {"quantization_config": config, "torch_dtype": torch_dtype or _stored_dtype(source)}
     if device not in (None, "cpu"):
         kwargs["device_map"] = str(device)
     if source.kind == "file":
-        from diffusers import FluxTransformer2DModel
-
         from .checkpoint import load_single_file
 
-        return load_single_file(FluxTransformer2DModel, source.location, config=single_file_config, **kwargs)
-    if source.kind == "hub":
-        from diffusers import FluxTransformer2DModel
-
-        cls = FluxTransformer2DModel
-    else:
-        cfg_path = Path(source.location) / (source.subfolder or "") / "config.json"
-        cls = model_class(read_json_object(cfg_path), cfg_path)
+        return load_single_file(cls, source.location, config=single_file_config, **kwargs)
     if source.subfolder:
         kwargs["subfolder"] = source.subfolder
     return from_pretrained(cls, source.location, where=src, **kwargs)
