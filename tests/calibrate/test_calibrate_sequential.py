@@ -114,9 +114,57 @@ def test_killed_streamed_run_resumes_to_the_same_result_and_reuses_the_prompt_ca
         with pytest.raises(Killed):
             calibrate_sequential(root / "fp32", PROMPTS, cfg, work_dir=tmp_path / "b", pipe=_pipe(), progress=False)
     assert (tmp_path / "b" / "embeddings.safetensors").exists()
+    assert (tmp_path / "b" / "calls" / "index.json").exists()  # the trajectories were recorded to disk
+    from bitflux.calibrate import states
+
+    monkeypatch.setattr(states, "record_states", lambda *a, **k: pytest.fail("a resumed run re-recorded"))
     steps = []
     resumed, again = calibrate_sequential(root / "fp32", PROMPTS, cfg, work_dir=tmp_path / "b", pipe=None, progress=False,
                                           on_step=lambda s, _l: steps.append(s))  # no text encoders: the cache serves
     per = cfg.steps // (len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks))
     assert steps[0] == 2 * per + 1  # blocks 0 and 1 were not retrained
     assert _equal(whole, resumed) and again["final_loss"] == stats["final_loss"]
+
+
+def test_recorded_calls_live_on_disk_and_a_recording_killed_midway_is_redone(setup, tmp_path, monkeypatch):
+    pipe, root, cfg = setup
+    from bitflux.calibrate import api
+    from bitflux.calibrate.recorded import RecordedCalls
+    from bitflux.calibrate.states import batch_calls, record_states
+
+    joint = CalibConfig(**{**cfg.to_dict(), "mode": "joint"})
+    in_ram = record_states(pipe, PROMPTS, joint, progress=False, batch=2)
+    on_disk = record_states(pipe, PROMPTS, joint, progress=False, batch=2, into=RecordedCalls(tmp_path / "c"))
+    assert isinstance(on_disk, RecordedCalls) and len(on_disk) == len(in_ram) == 2 * 2 * len(PROMPTS)
+    idx = [0, 3, len(in_ram) - 1]
+    a, b = batch_calls(in_ram, idx), batch_calls(on_disk, idx)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(RecordedCalls(tmp_path / "c")) == len(in_ram)  # reopened from its index
+
+    calls_made = [0]
+    real_add = RecordedCalls.add
+
+    def dying_add(self, tensors):
+        calls_made[0] += 1
+        if calls_made[0] == 3:
+            raise Killed
+        real_add(self, tensors)
+
+    with monkeypatch.context() as m:
+        m.setattr(RecordedCalls, "add", dying_add)
+        with pytest.raises(Killed):
+            calibrate_sequential(root / "fp32", PROMPTS, cfg, work_dir=tmp_path / "w", pipe=_pipe(), progress=False)
+    assert not (tmp_path / "w" / "calls" / "index.json").exists() and any((tmp_path / "w" / "calls").iterdir())
+    got, _ = api.calibrate_sequential(root / "fp32", PROMPTS, cfg, work_dir=tmp_path / "w", pipe=_pipe(), progress=False)
+    ref, _ = calibrate(pipe, PROMPTS, cfg, progress=False)
+    assert _equal(ref, got)
+
+
+def test_a_garbage_recorded_index_is_one_line_naming_the_file(tmp_path):
+    from bitflux.calibrate.recorded import RecordedCalls
+    from bitflux.errors import CheckpointError
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="index.json.*delete"):
+        RecordedCalls(tmp_path / "c")

@@ -18,10 +18,12 @@ from torch import nn
 
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
+from . import distributed
 from .blockwise import blocks, train_blockwise
 from .checkpoint import WorkDir
 from .config import CalibConfig, Mode
 from .joint import train
+from .recorded import RECORDED, RecordedCalls
 from .states import record_states
 from .student import finalize
 
@@ -152,12 +154,18 @@ def calibrate_sequential(
     if pipe is not None:
         free_text_encoders(pipe)  # before any transformer block is loaded
     embeds = {k: v.to(device=device, dtype=source.dtype) for k, v in embeds.items()}
-    with streamed_teacher(source, device) as teacher:
-        sampler = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
-                               text_encoder_2=None, tokenizer_2=None, transformer=teacher)
-        sampler.set_progress_bar_config(disable=True)
-        calls = record_states(sampler, prompts, config, progress, config.record_batch, embeds=embeds)
-        del sampler
+    if distributed.is_main():  # the trajectories go to disk once; a resumed run reuses them
+        calls = RecordedCalls(work.path / RECORDED)
+        if not calls.complete:
+            with streamed_teacher(source, device) as teacher:
+                sampler = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+                                       text_encoder_2=None, tokenizer_2=None, transformer=teacher)
+                sampler.set_progress_bar_config(disable=True)
+                record_states(sampler, prompts, config, progress, config.record_batch, embeds=embeds, into=calls)
+                del sampler
+    distributed.barrier()
+    if not distributed.is_main():
+        calls = RecordedCalls(work.path / RECORDED)
     t_rec = time.perf_counter() - t0
     per_block = max(1, config.steps // len(block_names(source.skeleton())))
 

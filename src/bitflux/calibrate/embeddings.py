@@ -39,7 +39,9 @@ def cached_embeddings(work: WorkDir | None, pipe, prompts: list[str], config: Ca
     """The prompts' embeddings from the work dir's cache, computed and cached first if absent."""
     if work is not None and work.exists(CACHE):
         tensors, _ = work.read(CACHE, {"prompt_embeds", "pooled_prompt_embeds"})
-        return tensors
+        # fresh, aligned memory: a file-backed tensor's alignment can change the BLAS path and so the
+        # last bits of the trajectories; a resumed run must see what the first run saw
+        return {k: v.clone() for k, v in tensors.items()}
     embeds = encode_prompts(pipe, prompts, config, progress)
     if work is not None:
         work.write(CACHE, embeds, {"prompts": len(prompts)})

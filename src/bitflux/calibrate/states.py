@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import CalibConfig
+from .recorded import RecordedCalls
 
 
 def record_states(
@@ -21,17 +24,22 @@ def record_states(
     progress: bool = True,
     batch: int = 16,
     embeds: dict[str, torch.Tensor] | None = None,
-) -> list[dict[str, torch.Tensor]]:
+    into: RecordedCalls | None = None,
+) -> Sequence[dict[str, torch.Tensor]]:
     """Run the teacher pipeline on the prompts and record every transformer call's inputs.
 
     Returns one entry per sample and call (a batched call is split along its batch dimension;
     the 2-D position ids are shared). Prompt i always gets the noise of seed (config.seed, i).
     `embeds` (embeddings.encode_prompts of the same prompts) replaces the text encoders.
+    `into`: a disk store to append to (and finish) instead of a list in RAM.
     """
     calls: list[dict[str, torch.Tensor]] = []
 
     def hook(_mod, _args, kwargs):
         tensors = {k: v.detach() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        if into is not None:
+            into.add(tensors)
+            return
         b = tensors["hidden_states"].shape[0]
         for j in range(b):
             calls.append({k: v.clone() if k.endswith("_ids") else v[j : j + 1].clone() for k, v in tensors.items()})
@@ -57,6 +65,9 @@ def record_states(
                 pipe(**text, num_inference_steps=config.traj_steps, generator=gens, output_type="latent", **kwargs)
     finally:
         handle.remove()
+    if into is not None:
+        into.finish()
+        return into
     return calls
 
 
