@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import sys
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -185,6 +186,9 @@ def register() -> None:
     Modules already imported are patched now; the others when they are imported, so importing
     bitflux never imports peft.
     """
+    # peft's shape probe does not know TernaryLinear (it reads in/out_features, which we have) and
+    # warns "proceed at your own risk" on every wrapped layer; the custom-module path is supported
+    warnings.filterwarnings("ignore", message=r"Unsupported layer type '<class 'bitflux\.linear\.TernaryLinear'>'")
     for name, patch in _PATCHES.items():
         if name in sys.modules:
             patch(sys.modules[name])

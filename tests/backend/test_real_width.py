@@ -114,3 +114,42 @@ def test_real_width_quantise_load_save_stay_near_packed_size(dense, tmp_path):
         b.update(load_file(f))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     print(f"dense {dense/1e6:.0f} MB, packed {packed/1e6:.0f} MB: peak growth quantise {grow_q/1e6:.0f} MB, load {grow_l/1e6:.0f} MB, save {grow_s/1e6:.0f} MB")
+
+
+def test_kohya_and_bfl_prefixed_loras_land_on_the_real_width_ternary_layers(dense):
+    """diffusers' FLUX LoRA converters hard-code FLUX.1's widths (linear1 split 3072 x 3 + 12288):
+    at real width, a kohya LoRA on single_blocks.0.linear1 and a BFL-named (`diffusion_model.`) one
+    on double_blocks.0.img_attn.qkv reach the ternary q/k/v/proj_mlp as base + scale * B A x."""
+    pytest.importorskip("peft")
+    from diffusers import FluxPipeline
+
+    import bitflux
+    from bitflux import TernaryLinear
+    from bitflux.sources import quantize_from
+
+    model = quantize_from(str(dense), bitflux.QuantConfig())
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=model)
+    g = torch.Generator().manual_seed(0)
+    d, r, alpha = 3072, 4, 2.0
+    down1, up1 = torch.randn(r, d, generator=g) * 0.05, torch.randn(3 * d + 4 * d, r, generator=g) * 0.05
+    down2, up2 = torch.randn(r, d, generator=g) * 0.05, torch.randn(3 * d, r, generator=g) * 0.05
+    pipe.load_lora_weights({
+        "lora_unet_single_blocks_0_linear1.lora_down.weight": down1,
+        "lora_unet_single_blocks_0_linear1.lora_up.weight": up1,
+        "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(alpha),
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": down2,
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": up2,
+        "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(alpha),
+    }, adapter_name="real")
+    single, double = model.single_transformer_blocks[0], model.transformer_blocks[0].attn
+    targets = [(single.attn.to_q, down1, up1[:d]), (single.attn.to_k, down1, up1[d : 2 * d]),
+               (single.attn.to_v, down1, up1[2 * d : 3 * d]), (single.proj_mlp, down1, up1[3 * d :]),
+               (double.to_q, down2, up2[:d]), (double.to_k, down2, up2[d : 2 * d]), (double.to_v, down2, up2[2 * d :])]
+    x = torch.randn(2, 3, d, generator=g)
+    for layer, a, b in targets:
+        assert isinstance(layer.base_layer, TernaryLinear)
+        with torch.no_grad():
+            got, base = layer(x).float(), layer.base_layer(x).float()
+        delta = alpha / r * (x @ a.T @ b.T)  # the LoRA's own term, checked on its own scale
+        assert (got - base - delta).abs().max() <= 1e-2 * delta.abs().max(), layer

@@ -116,6 +116,28 @@ def test_load_lora_weights_kohya_format() -> None:
         _check_layer(layer, down, up[i * D : (i + 1) * D], alpha / r)
 
 
+def test_load_lora_weights_xlabs_format() -> None:
+    """XLabs keys (processor.qkv_lora1 / proj_lora1) are converted by diffusers onto the ternary layers."""
+    model = load_toy()
+    pipe = _pipe(model)
+    g = torch.Generator().manual_seed(4)
+    r = 4
+    qkv_down, qkv_up = torch.randn(r, D, generator=g) * 0.1, torch.randn(3 * D, r, generator=g) * 0.1
+    out_down, out_up = torch.randn(r, D, generator=g) * 0.1, torch.randn(D, r, generator=g) * 0.1
+    pipe.load_lora_weights({
+        "double_blocks.1.processor.qkv_lora1.down.weight": qkv_down,
+        "double_blocks.1.processor.qkv_lora1.up.weight": qkv_up,
+        "double_blocks.1.processor.proj_lora1.down.weight": out_down,
+        "double_blocks.1.processor.proj_lora1.up.weight": out_up,
+    }, adapter_name="xlabs")
+    attn = model.transformer_blocks[1].attn
+    for i, name in enumerate(["to_q", "to_k", "to_v"]):
+        layer = getattr(attn, name)
+        assert isinstance(layer.base_layer, TernaryLinear)
+        _check_layer(layer, qkv_down, qkv_up[i * D : (i + 1) * D], 1.0)
+    _check_layer(attn.to_out[0], out_down, out_up, 1.0)
+
+
 def test_fuse_lora_is_refused_in_one_line() -> None:
     model = load_toy()
     inputs = toy_inputs(model)
