@@ -84,3 +84,23 @@ def test_evaluate_api_pairs_a_transformer_with_toy():
     assert np.array_equal(a["_images"], b["_images"])  # same seeds, same model: same images
     assert b["fidelity"] == {"psnr_db": 100.0, "verdict_agreement": 1.0}
     assert a["_images"].shape == (1, 6, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_the_teacher_is_the_models_own_source_pipeline(tmp_path):
+    """A quantised transformer is compared with the pipeline it was quantised from (a wider toy,
+    another world), a pipeline dir with itself, and a transformer without a source with `toy`."""
+    import json
+
+    from bitflux.eval.commands import _teacher
+    from bitflux.pipeline import ModelRef
+
+    own = tmp_path / "my-toy"
+    own.mkdir()
+    (own / "model_index.json").write_text("{}")
+    q = tmp_path / "q"
+    q.mkdir()
+    toy = tmp_path / "bundled-toy"
+    for source, want in [(str(own), own), ("", toy), (str(tmp_path / "gone"), toy)]:
+        (q / "config.json").write_text(json.dumps({"quantization_config": {"source": source}}))
+        assert _teacher(ModelRef(str(toy), str(q)), toy) == want
+    assert _teacher(ModelRef(str(own), None), toy) == own

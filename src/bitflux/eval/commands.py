@@ -12,13 +12,13 @@ from .runner import EvalConfig
 
 _HELP = """Generate images for toy-world prompts with MODEL and score them with the rule-based
 GenEval-style scorer (all-or-nothing per image). Prints per-category accuracy and `overall`
-(mean over categories), plus fidelity to the bundled full-precision `toy` model at the same
-seeds: mean PSNR of the images and the share of per-prompt verdicts that agree.
+(mean over categories), plus fidelity to MODEL's own full-precision teacher at the same seeds:
+mean PSNR of the images and the share of per-prompt verdicts that agree.
 
 MODEL is `toy` (bundled), `toy-1.58bit` (bundled, if installed), a FluxPipeline directory, or
-a bitflux quantised transformer directory (paired with the bundled toy pipeline). A model trained
-on another toy world (`bitflux toy train --world`) is scored in that world, and compared with its
-own full-precision pipeline instead of `toy`."""
+a bitflux quantised transformer directory (paired with the pipeline it was quantised from, else
+the bundled toy). The teacher is that source pipeline (the bundled `toy` for `toy-1.58bit`); a
+model trained on another toy world (`bitflux toy train --world`) is scored in that world."""
 
 
 def _fmt(res: dict, label: str) -> str:
@@ -81,21 +81,25 @@ def _run(args: argparse.Namespace) -> int:
             set_activations(pipe.transformer, args.activations)
         if args.backend:
             set_backend(pipe.transformer, args.backend)
+    # the reference is the model's own full-precision pipeline: a quantised transformer's recorded
+    # source (else the bundled toy), a pipeline directory itself; so a toy trained at another width
+    # or in another world is compared with its own teacher, never with the bundled toy
     ref = resolve(args.model, "toy")
     try:
         toy_dir: Path | None = Path(bundled_path("toy")).resolve()
     except ModelError:
-        toy_dir = None  # not installed: fidelity is unavailable unless --no-fidelity
-    reference = "toy"  # models of another world are compared with their own full-precision pipeline
-    if world.name != "default":
-        reference, toy_dir = ref.pipeline, Path(ref.pipeline).resolve()
-    is_toy = Path(ref.pipeline).resolve() == toy_dir and ref.transformer is None and not args.naive
+        toy_dir = None
+    teacher = _teacher(ref, toy_dir)
+    reference = "toy" if teacher is not None and teacher.resolve() == toy_dir else str(teacher)
+    is_toy = ref.transformer is None and not args.naive  # the reference itself
+    if teacher is None and not args.no_fidelity:
+        raise ModelError(f"{args.model}: no full-precision pipeline to compare with (install `toy`, or use --no-fidelity)")
     res = evaluate(pipe, items, args.seeds, cfg, progress=not args.json)
     if not args.no_fidelity:
         if is_toy:  # the reference itself: identical by construction
             res["fidelity"] = {"psnr_db": 100.0, "verdict_agreement": 1.0}
         else:
-            ref_res = evaluate(load_model(reference), items, args.seeds, cfg, progress=not args.json)
+            ref_res = evaluate(load_model(str(teacher)), items, args.seeds, cfg, progress=not args.json)
             from .runner import fidelity, ratio_interval
 
             res["fidelity"] = fidelity(res["_images"], ref_res["_images"], res["_verdicts"], ref_res["_verdicts"])
@@ -107,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         rows = pick_rows([it.category.value for it in items])
         cols = {}
         if res.get("_reference") is not None:
-            cols["toy (full precision)"] = res["_reference"][0][rows]
+            cols[f"{reference} (full precision)"] = res["_reference"][0][rows]
         cols[label] = res["_images"][0][rows]
         save_image(make_grid(cols, [items[i].text for i in rows]), args.grid)
         res["grid"] = str(args.grid)
@@ -115,6 +119,18 @@ def _run(args: argparse.Namespace) -> int:
     out = {"model": args.model, "naive": args.naive, "prompts": args.prompts, "world": world.name, "reference": reference, **out}
     print_result(out, args.json, _fmt(out, label))
     return 0
+
+
+def _teacher(ref, toy_dir: Path | None) -> Path | None:
+    """The full-precision pipeline MODEL is compared with (see `run`); None if unknown."""
+    from ..pipeline import bundled
+    from ..safeio import read_json_object
+
+    if ref.transformer is None:
+        return Path(ref.pipeline)
+    src = read_json_object(Path(ref.transformer) / "config.json").get("quantization_config", {}).get("source") or ""
+    path = bundled(src) or Path(src)
+    return path if src and (path / "model_index.json").is_file() else toy_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
