@@ -105,3 +105,66 @@ def test_two_gloo_processes_equal_one_and_resume_after_a_kill(tmp_path):
             assert torch.equal(dp[k], v), k  # the ternary codes agree exactly
     sizes = [(tmp_path / f"shards-{r}.txt").read_text().split() for r in (0, 1)]
     assert set(sizes[0]) == set(sizes[1]) == {"2"}  # each process took half of every global batch of 4
+
+
+def _joint_config():
+    from bitflux.calibrate import CalibConfig
+    from bitflux.calibrate.command import eval_settings
+
+    kw, _ = eval_settings("toy")
+    return CalibConfig(prompts=2, traj_steps=2, steps=6, batch=4, pipe_kwargs=kw, mode="joint", train="all",
+                       record_batch=2, checkpoint_every=2, on_policy_at=0.5, on_policy_rounds=1)
+
+
+def _joint(root, work: str, kill_at: int | None = None):
+    from bitflux.calibrate import calibrate
+    from bitflux.toy.build import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+
+    def on_step(step: int, _loss: float) -> None:
+        if step == kill_at:
+            os._exit(17)  # a hard kill of every process right after step `kill_at` (checkpointed at 4)
+
+    model, stats = calibrate(pipe, PROMPTS, _joint_config(), work_dir=root / work, progress=False, on_step=on_step)
+    return model, stats
+
+
+def _joint_worker(rank: int, world: int, port: int, root, work: str, kill_at: int | None) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, stats = _joint(root, work, kill_at)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / f"{work}.safetensors"),
+                  metadata={"final_loss": str(stats["final_loss"])})
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_joint_mode_on_two_gloo_processes_equals_one_and_resumes_after_a_kill(tmp_path):
+    """Joint calibration, on-policy refresh included: each process takes half of every global batch of 4."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    single, stats = _joint(tmp_path, "single")
+    single = single.state_dict()
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(_joint_worker, args=(2, _port(), tmp_path, "dp", 5), nprocs=2, join=True)
+    assert [p.name for p in (tmp_path / "dp").glob("state-*")] == ["state-0000004.safetensors"]
+    mp.spawn(_joint_worker, args=(2, _port(), tmp_path, "dp", None), nprocs=2, join=True)
+    dp = load_file(str(tmp_path / "dp.safetensors"))
+    assert dp.keys() == single.keys()
+    for k, v in single.items():
+        if v.is_floating_point():  # sums over processes differ from one process only in float order
+            rtol = 1e-3 if v.dtype == torch.float32 else 2 ** -7  # stored bf16 scales: one ulp
+            assert torch.allclose(dp[k].float(), v.float(), rtol=rtol, atol=1e-5), k
+    codes = [k for k, v in single.items() if not v.is_floating_point()]
+    assert codes and sum(torch.equal(dp[k], single[k]) for k in codes) >= len(codes) - 1  # at most a borderline code flips
+    with safe_open(str(tmp_path / "dp.safetensors"), "pt") as f:
+        assert abs(float(f.metadata()["final_loss"]) - stats["final_loss"]) <= 1e-4 * stats["final_loss"]

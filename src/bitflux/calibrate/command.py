@@ -127,7 +127,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                          + ("" if config.mode is Mode.JOINT else " or --embeddings FILE"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _init_distributed(device, config)
+    device = _init_distributed(device)
     if distributed.is_main():
         print(f"bitflux: calibrating {args.src} at {height}x{width} on {device} ({config.mode.value}"
               f"{f', {distributed.world()} processes' if distributed.active() else ''})", file=sys.stderr)
@@ -146,7 +146,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
             extra["transformer"] = FluxTransformer2DModel.from_pretrained(source.transformer)
         pipe = _load(source.pipeline, None, **extra).to(device)
-        model, stats = calibrate(pipe, prompts, config, work_dir=work, source=args.src, progress=not args.json)
+        model, stats = calibrate(pipe, prompts, config, work_dir=work, source=args.src,
+                                 progress=not args.json and distributed.is_main())
         torch.nn.Module.to(model, dtype=dtype)  # kept layers in the stored dtype (ternary codes and scales unchanged)
     if not distributed.is_main():  # rank 0 writes the result
         distributed.barrier()
@@ -179,7 +180,7 @@ def _read_embeddings(path: str) -> dict:
     return tensors
 
 
-def _init_distributed(device, config: CalibConfig):
+def _init_distributed(device):
     """Join the process group torchrun / accelerate launch describe (WORLD_SIZE > 1); one device per process."""
     import os
 
@@ -188,8 +189,6 @@ def _init_distributed(device, config: CalibConfig):
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
-    if config.mode is not Mode.BLOCKWISE:
-        raise BitfluxError("data-parallel calibration is block-wise: add --mode blockwise")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda" and device.index is None:

@@ -4,7 +4,9 @@ Each step takes a batch of recorded transformer calls (a pure function of (seed,
 teacher and the student on it and matches the output (and, with `LossKind.BLOCKS`, every block's
 hidden states). On-policy refreshes add the states the student itself visits (DAgger rounds).
 Every `checkpoint_every` steps the trainable tensors, the optimiser state and the step are saved,
-so a killed and re-run calibration ends bit-identical to an uninterrupted one.
+so a killed and re-run calibration ends bit-identical to an uninterrupted one. Under
+torch.distributed each process takes its share of every global batch and the gradients are summed
+(distributed.py): the student is replicated, so each process holds the whole model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import BitfluxError
+from . import distributed
 from .checkpoint import WorkDir
 from .config import CalibConfig, LossKind
 from .losses import cosine_lr, nmse
@@ -34,6 +37,11 @@ def _block_outputs(model: nn.Module, store: list[torch.Tensor]) -> list:
 
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
     return [b.register_forward_hook(hook) for b in blocks]
+
+
+def _loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """nmse of the global batch; under torch.distributed this process's share of it (see distributed.py)."""
+    return distributed.sharded_block_loss((s,), (t,)) if distributed.active() else nmse(s, t)
 
 
 def train(
@@ -72,7 +80,7 @@ def train(
     handles = []
     if config.loss is LossKind.BLOCKS:
         handles = _block_outputs(teacher, t_store) + _block_outputs(student, s_store)
-    bar = tqdm(range(start, config.steps), desc="calibrate", disable=not progress, initial=start, total=config.steps)
+    bar = tqdm(range(start, config.steps), desc="calibrate", disable=not progress or not distributed.is_main(), initial=start, total=config.steps)
     try:
         for step in bar:
             if step in refresh:
@@ -82,20 +90,21 @@ def train(
             t_store.clear()
             s_store.clear()
             g = torch.Generator().manual_seed(config.seed * 7919 + step)
-            idx = torch.randint(len(calls), (config.batch,), generator=g).tolist()
-            kw = batch_calls(calls, idx)
+            idx = distributed.shard(torch.randint(len(calls), (config.batch,), generator=g)).tolist()
+            kw = batch_calls(calls, idx)  # this process's share of the global batch
             with torch.no_grad():
                 t_out = teacher(**kw, return_dict=False)[0]
             s_out = student(**kw, return_dict=False)[0]
-            loss = nmse(s_out, t_out)
+            loss = _loss(s_out, t_out)
             if s_store:
-                loss = loss + sum(nmse(s, t) for s, t in zip(s_store, t_store)) / len(s_store)
+                loss = loss + sum(_loss(s, t) for s, t in zip(s_store, t_store)) / len(s_store)
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(config.lr, step, config.steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_grads(list(params.values()))  # the global batch's gradient
             opt.step()
-            losses.append(loss.item())
+            losses.append(distributed.all_reduce_sum(loss.detach().clone()).item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             every = config.checkpoint_every
             if work is not None and ((every and (step + 1) % every == 0) or step + 1 == config.steps):
