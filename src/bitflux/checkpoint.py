@@ -148,35 +148,18 @@ def from_pretrained(cls, source: str | os.PathLike, *, where: str | os.PathLike 
         raise CheckpointError(f"{where or source}: cannot load ({msg})") from None
 
 
-def _bfl_config(path: Path) -> dict[str, Any]:
-    """FLUX.1-dev's config.json at the depth and guidance a BFL single file's tensor names show."""
-    from .archs import FLUX_DEV_CONFIG
-    from .tensorcheck import read_headers
-
-    names = set(read_headers([path]))
-    if not any(n.startswith("double_blocks.") for n in names):
-        raise ModelError(f"{path}: not a FLUX transformer in Black Forest Labs' single-file layout (no double_blocks.*)")
-    count = lambda p: len({n.split(".")[1] for n in names if n.startswith(p)})  # noqa: E731
-    return {
-        "_class_name": "FluxTransformer2DModel",
-        **FLUX_DEV_CONFIG,
-        "num_layers": count("double_blocks."),
-        "num_single_layers": count("single_blocks."),
-        "guidance_embeds": any(n.startswith("guidance_in.") for n in names),
-    }
-
-
 def load_single_file(cls, path: str | os.PathLike, *, config: str | None = None, **kwargs: Any) -> nn.Module:
     """`cls.from_single_file(path, ...)` for BFL's one-file layout, offline: without `config` (a local
     directory holding config.json, or a hub id) the config is derived from the file's tensor names."""
     import tempfile
 
     from .backend import register
+    from .bfl import config_of
 
     register()
     with tempfile.TemporaryDirectory() as tmp:
         if config is None:
-            (Path(tmp) / "config.json").write_text(json.dumps(_bfl_config(Path(path))))
+            (Path(tmp) / "config.json").write_text(json.dumps(config_of(Path(path))))
             config = tmp
         try:
             with _quiet_diffusers():

@@ -119,6 +119,24 @@ def _stored_dtype(source: Source) -> torch.dtype:
     return stored_float_dtype(Path(source.location) / (source.subfolder or ""))
 
 
+def _quantize_single_file(path: Path, cls: type, src: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A BFL single file, rewritten shard by shard as a temporary diffusers directory (in TMPDIR),
+    then quantised like any directory: peak RAM is the directory path's, not the whole file."""
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from .bfl import free_space_for, to_diffusers_dir
+    from .checkpoint import from_pretrained
+
+    tmp_root = Path(tempfile.gettempdir())
+    free_space_for(path, tmp_root)
+    with tempfile.TemporaryDirectory(prefix="bitflux-bfl-", dir=tmp_root) as tmp:
+        with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="convert BFL layout", leave=False) as bar:
+            d = to_diffusers_dir(path, Path(tmp) / "transformer", progress=bar.update)
+        return from_pretrained(cls, str(d), where=src, **kwargs)
+
+
 def quantize_from(
     src: str,
     config: QuantConfig,
@@ -144,6 +162,8 @@ def quantize_from(
     kwargs: dict[str, Any] = {"quantization_config": config, "torch_dtype": torch_dtype or _stored_dtype(source)}
     if device not in (None, "cpu"):
         kwargs["device_map"] = str(device)
+    if source.kind == "file" and single_file_config is None:  # streamed: rewrite, then the directory path
+        return _quantize_single_file(Path(source.location), cls, src, kwargs)
     if source.kind == "file":
         from .checkpoint import load_single_file
 

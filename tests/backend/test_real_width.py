@@ -4,6 +4,7 @@ saved again, each in a fresh process whose peak-RSS growth must stay below the p
 one shard (plus the transient of ternarising the largest tensor), never near the bf16 size."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -49,8 +50,8 @@ CHILD = textwrap.dedent(
 )
 
 
-def _run(mode: str, src: str, out: str) -> int:
-    r = subprocess.run([sys.executable, "-c", CHILD, mode, src, out], capture_output=True, text=True)
+def _run(mode: str, src: str, out: str, env: dict | None = None) -> int:
+    r = subprocess.run([sys.executable, "-c", CHILD, mode, src, out], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])["growth"]
 
@@ -116,6 +117,25 @@ def test_real_width_quantise_load_save_stay_near_packed_size(dense, tmp_path):
     print(f"dense {dense/1e6:.0f} MB, packed {packed/1e6:.0f} MB: peak growth quantise {grow_q/1e6:.0f} MB, load {grow_l/1e6:.0f} MB, save {grow_s/1e6:.0f} MB")
 
 
+def test_real_width_single_file_quantise_stays_near_packed_size(tmp_path):
+    """The BFL single file is rewritten shard by shard (bfl.SHARD_BYTES) and quantised as a directory:
+    its peak growth is bounded like the directory's plus one conversion shard, never the whole file."""
+    from bitflux.bench.synth import write_random_flux_single_file
+    from bitflux.bfl import SHARD_BYTES
+
+    f = write_random_flux_single_file(tmp_path / "flux1-dev-1+1.safetensors", num_layers=1, num_single_layers=1)
+    size, largest = _bytes([f])
+    q = tmp_path / "q"
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    grow = _run("quantize", str(f), str(q), env={**os.environ, "TMPDIR": str(tmp)})
+    packed, _ = _bytes(sorted(q.glob("*.safetensors")))
+    assert grow < packed + 2 * SHARD_BYTES + 3 * 2 * largest, (grow, packed, size)
+    assert grow < 0.8 * size, (grow, size)
+    assert not any(tmp.iterdir())  # the converted copy went to TMPDIR and is gone
+    print(f"single file {size/1e6:.0f} MB, packed {packed/1e6:.0f} MB: peak growth quantise {grow/1e6:.0f} MB")
+
+
 def test_kohya_and_bfl_prefixed_loras_land_on_the_real_width_ternary_layers(dense):
     """diffusers' FLUX LoRA converters hard-code FLUX.1's widths (linear1 split 3072 x 3 + 12288):
     at real width, a kohya LoRA on single_blocks.0.linear1 and a BFL-named (`diffusion_model.`) one
@@ -153,3 +173,24 @@ def test_kohya_and_bfl_prefixed_loras_land_on_the_real_width_ternary_layers(dens
             got, base = layer(x).float(), layer.base_layer(x).float()
         delta = alpha / r * (x @ a.T @ b.T)  # the LoRA's own term, checked on its own scale
         assert (got - base - delta).abs().max() <= 1e-2 * delta.abs().max(), layer
+
+
+def test_streamed_bfl_conversion_equals_the_sharded_dir_tensor_for_tensor(dense, tmp_path):
+    """bfl.to_diffusers_dir (the low-memory single-file path) splits and renames exactly."""
+    from safetensors.torch import load_file
+
+    from bitflux.bench.synth import write_random_flux_single_file
+    from bitflux.bfl import to_diffusers_dir
+
+    f = write_random_flux_single_file(tmp_path / "one.safetensors", num_layers=1, num_single_layers=1)
+    seen = []
+    out = to_diffusers_dir(f, tmp_path / "conv", shard_bytes=200_000_000, progress=seen.append)
+    assert len(list(out.glob("*.safetensors"))) == len(seen) > 1  # really sharded, one call per shard
+    want = {}
+    for p in sorted(dense.glob("*.safetensors")):
+        want.update(load_file(str(p)))
+    got = {}
+    for p in sorted(out.glob("*.safetensors")):
+        got.update(load_file(str(p)))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "config.json").read_text()) == json.loads((dense / "config.json").read_text()) | {"_class_name": "FluxTransformer2DModel"}

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..archs import FLUX_DEV_CONFIG
+from ..bfl import names as bfl_names
+from ..bfl import swap
 
 WEIGHTS = "diffusion_pytorch_model"
 HUB_SHARD_BYTES = 10 * 1000**3  # the hub's FLUX.1-dev transformer shards are <= 10 GB
@@ -164,57 +166,14 @@ def write_random_flux_pipeline(out_dir: str | os.PathLike, **kwargs) -> Path:
 
 
 # ------------------------------------------------------------------ Black Forest Labs' single file
-def _bfl_names(num_layers: int, num_single_layers: int, guidance: bool) -> dict[str, list[str]]:
-    """BFL tensor name -> the diffusers tensors concatenated (dim 0) into it, in order."""
-    m: dict[str, list[str]] = {}
-    emb = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out"}
-    emb.update({f"time_in.{a}": f"time_text_embed.timestep_embedder.{b}" for a, b in (("in_layer", "linear_1"), ("out_layer", "linear_2"))})
-    emb.update({f"vector_in.{a}": f"time_text_embed.text_embedder.{b}" for a, b in (("in_layer", "linear_1"), ("out_layer", "linear_2"))})
-    if guidance:
-        emb.update({f"guidance_in.{a}": f"time_text_embed.guidance_embedder.{b}" for a, b in (("in_layer", "linear_1"), ("out_layer", "linear_2"))})
-    for bfl, d in emb.items():
-        for p in ("weight", "bias"):
-            m[f"{bfl}.{p}"] = [f"{d}.{p}"]
-    for p in ("weight", "bias"):  # diffusers stores (scale, shift) where BFL has (shift, scale): see _swap
-        m[f"final_layer.adaLN_modulation.1.{p}"] = [f"norm_out.linear.{p}"]
-    for i in range(num_layers):
-        b, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        for side, q, k, v, proj, mlp, mod, nq, nk in (
-            ("img", "to_q", "to_k", "to_v", "to_out.0", "ff", "norm1", "norm_q", "norm_k"),
-            ("txt", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "norm1_context", "norm_added_q", "norm_added_k"),
-        ):
-            for p in ("weight", "bias"):
-                m[f"{b}.{side}_attn.qkv.{p}"] = [f"{t}.attn.{q}.{p}", f"{t}.attn.{k}.{p}", f"{t}.attn.{v}.{p}"]
-                m[f"{b}.{side}_attn.proj.{p}"] = [f"{t}.attn.{proj}.{p}"]
-                m[f"{b}.{side}_mlp.0.{p}"] = [f"{t}.{mlp}.net.0.proj.{p}"]
-                m[f"{b}.{side}_mlp.2.{p}"] = [f"{t}.{mlp}.net.2.{p}"]
-                m[f"{b}.{side}_mod.lin.{p}"] = [f"{t}.{mod}.linear.{p}"]
-            m[f"{b}.{side}_attn.norm.query_norm.scale"] = [f"{t}.attn.{nq}.weight"]
-            m[f"{b}.{side}_attn.norm.key_norm.scale"] = [f"{t}.attn.{nk}.weight"]
-    for i in range(num_single_layers):
-        b, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        for p in ("weight", "bias"):
-            m[f"{b}.linear1.{p}"] = [f"{t}.attn.to_q.{p}", f"{t}.attn.to_k.{p}", f"{t}.attn.to_v.{p}", f"{t}.proj_mlp.{p}"]
-            m[f"{b}.linear2.{p}"] = [f"{t}.proj_out.{p}"]
-            m[f"{b}.modulation.lin.{p}"] = [f"{t}.norm.linear.{p}"]
-        m[f"{b}.norm.query_norm.scale"] = [f"{t}.attn.norm_q.weight"]
-        m[f"{b}.norm.key_norm.scale"] = [f"{t}.attn.norm_k.weight"]
-    return m
-
-
-def _swap(t: torch.Tensor) -> torch.Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
 def to_bfl(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """A diffusers FLUX state dict in Black Forest Labs' one-file naming (fused qkv, linear1/2)."""
-    names = _bfl_names(config["num_layers"], config["num_single_layers"], config.get("guidance_embeds", False))
+    names = bfl_names(config["num_layers"], config["num_single_layers"], config.get("guidance_embeds", False))
     out = {bfl: torch.cat([state[d] for d in parts], dim=0) for bfl, parts in names.items() if parts[0] in state}
     for p in ("weight", "bias"):
         key = f"final_layer.adaLN_modulation.1.{p}"
         if key in out:
-            out[key] = _swap(out[key])
+            out[key] = swap(out[key])
     return out
 
 
@@ -227,7 +186,7 @@ def write_random_flux_single_file(path: str | os.PathLike, *, num_layers: int = 
         raise FileExistsError(path)
     config = flux_dev_config(num_layers, num_single_layers)
     specs = tensor_specs(config)
-    names = _bfl_names(num_layers, num_single_layers, config["guidance_embeds"])
+    names = bfl_names(num_layers, num_single_layers, config["guidance_embeds"])
     bfl_specs = {}
     for bfl in sorted(names):
         parts = names[bfl]
@@ -238,7 +197,7 @@ def write_random_flux_single_file(path: str | os.PathLike, *, num_layers: int = 
     def stream():
         for bfl in bfl_specs:
             t = torch.cat([_random(d, specs[d][0], torch.bfloat16, seed) for d in names[bfl]], dim=0)
-            yield bfl, (_swap(t) if bfl.startswith("final_layer.adaLN") else t)
+            yield bfl, (swap(t) if bfl.startswith("final_layer.adaLN") else t)
             bar.update()
 
     write_safetensors(path, bfl_specs, stream())
