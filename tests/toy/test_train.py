@@ -54,3 +54,38 @@ def test_tiny_training_run_writes_a_loadable_pipeline(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
     with pytest.raises(OutputExistsError):
         train(out, cfg)
+
+
+def test_a_killed_training_run_resumes_to_the_same_pipeline(tmp_path, monkeypatch):
+    """Killed mid-way through the transformer phase (after a checkpoint), `resume=True` ends with
+    the same weights, bit for bit, as an uninterrupted run."""
+    from bitflux.toy import train as train_mod
+
+    cfg = TrainConfig(minutes=5, n_scenes=16, n_vae_images=16, vae_steps=2, steps=6, decoder_steps=2, vae_batch=2,
+                      batch=2, ckpt_every_s=0.0)  # a checkpoint after every step
+    train(tmp_path / "whole", cfg)
+
+    class Killed(BaseException):
+        pass
+
+    real = train_mod.flow_loss
+    calls = [0]
+
+    def dying(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:  # during step 4 of 6: steps 0-2 are checkpointed
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "flow_loss", dying)
+    with pytest.raises(Killed):
+        train(tmp_path / "cut", cfg)
+    monkeypatch.setattr(train_mod, "flow_loss", real)
+    import json
+
+    assert json.loads((tmp_path / "cut.work" / "state.json").read_text())["step"] == 3
+    train(tmp_path / "cut", cfg, resume=True)
+    for sub in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        a = load_file(str(next((tmp_path / "whole" / sub).glob("*.safetensors"))))
+        b = load_file(str(next((tmp_path / "cut" / sub).glob("*.safetensors"))))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
