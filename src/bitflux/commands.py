@@ -208,7 +208,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "needed) while it loads, shard by shard, and write a bitflux checkpoint directory: config.json "
         "+ packed safetensors. The full-precision model is never held in memory.",
     )
-    p.add_argument("src", help="pipeline dir, transformer dir, single .safetensors file (BFL layout), bundled name (toy) or hub id")
+    p.add_argument("src", help="pipeline dir, transformer dir, single .safetensors file (BFL layout; rewritten shard by shard into TMPDIR, which needs the file's size free), bundled name (toy) or hub id")
     p.add_argument("out", help="new output directory (must not exist)")
     p.add_argument("--format", default="2bit", choices=choices(PackFormat), help="packing format (default 2bit)")
     p.add_argument("--init", default="absmean", choices=choices(InitMethod), help="ternarisation (default absmean)")
