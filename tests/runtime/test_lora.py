@@ -19,7 +19,8 @@ pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402
 
 MODES = ["auto", "bf16", "int8", "fp8"]
-D = 128  # the toy's inner width
+_CFG = load_toy().config
+D = _CFG.num_attention_heads * _CFG.attention_head_dim  # the bundled toy's inner width
 
 
 def _pipe(model: nn.Module) -> FluxPipeline:
@@ -35,8 +36,8 @@ def _out(model: nn.Module, inputs: dict) -> torch.Tensor:
 def _diffusers_lora(seed: int, r: int = 4) -> dict[str, torch.Tensor]:
     """A diffusers-format FLUX LoRA on ternary layers of both block kinds."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {"transformer_blocks.0.attn.to_q": (D, D), "transformer_blocks.1.ff.net.2": (512, D),
-              "single_transformer_blocks.0.attn.to_k": (D, D), "single_transformer_blocks.1.proj_mlp": (D, 512)}
+    shapes = {"transformer_blocks.0.attn.to_q": (D, D), "transformer_blocks.1.ff.net.2": (4 * D, D),
+              "single_transformer_blocks.0.attn.to_k": (D, D), "single_transformer_blocks.1.proj_mlp": (D, 4 * D)}
     sd = {}
     for name, (k, n) in shapes.items():
         sd[f"transformer.{name}.lora_A.weight"] = torch.randn(r, k, generator=g) * 0.1
