@@ -2,9 +2,9 @@
 # Quality v2 pipeline: after `bitflux toy train runs/toy-wide ...` finishes, make the bf16 teacher
 # runs/toy-w (the asset to bundle), calibrate it and score. Each step is skipped when its output
 # exists, so re-running continues (calibration resumes itself from runs/toy-w-1.58bit.partial).
-cd /work/main
+cd "$(dirname "$0")/.."
 B=.venv/bin/bitflux
-R=runs/v2
+R=runs/v2; mkdir -p $R
 log() { echo "$(date -u +%H:%M:%S) $*" >> $R/driver.log; }
 while pgrep -f "bitflux toy train runs/toy-wide" >/dev/null; do sleep 30; done
 [ -f runs/toy-wide/model_index.json ] || { log "no trained toy"; exit 1; }
