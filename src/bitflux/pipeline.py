@@ -42,8 +42,9 @@ def is_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
 
 
-def resolve(model: str, base: str | None = None) -> ModelRef:
-    """Classify MODEL; `base` names the pipeline to pair with a bare quantised transformer."""
+def resolve(model: str, base: str | None = None, fallback: str | None = None) -> ModelRef:
+    """Classify MODEL; a bare quantised transformer pairs with `base`, else its recorded source
+    pipeline, else `fallback`."""
     path = bundled(model) or Path(model)
     if path.is_dir():
         if (path / "model_index.json").is_file():
@@ -51,12 +52,13 @@ def resolve(model: str, base: str | None = None) -> ModelRef:
             return ModelRef(str(path), str(sub) if is_bitflux_dir(sub) else None)
         if is_bitflux_dir(path):
             qc = read_json(path / "config.json").get("quantization_config", {})
-            src = base or qc.get("source") or ""
-            src_path = bundled(src) or Path(src)
-            if (src_path / "model_index.json").is_file():
-                return ModelRef(str(src_path), str(path))
-            if is_hub_id(src) and not src_path.exists():  # recorded or given hub id (needs network)
-                return ModelRef(src, str(path))
+            for src in [base] if base else [qc.get("source"), fallback]:
+                src = src or ""
+                src_path = bundled(src) or Path(src)
+                if src and (src_path / "model_index.json").is_file():
+                    return ModelRef(str(src_path), str(path))
+                if src and is_hub_id(src) and not src_path.exists():  # recorded or given hub id (needs network)
+                    return ModelRef(src, str(path))
             raise ModelError(f"{model}: a bare quantised transformer needs --base PIPELINE (text encoders, VAE)")
         if (path / "config.json").is_file():
             if base is None:

@@ -44,7 +44,7 @@ def _check_model(model: str) -> None:
     from ..validate import check_is_transformer, check_pipeline_fit
 
     check_model_dir(model)  # a broken config.json is named before anything classifies MODEL by it
-    ref = resolve(model, "toy")
+    ref = resolve(model, fallback="toy")
     pipeline = bundled(ref.pipeline) or Path(ref.pipeline)
     config_path = Path(ref.transformer) / "config.json" if ref.transformer else pipeline / "transformer" / "config.json"
     if not config_path.is_file():
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     # the reference is the model's own full-precision pipeline: a quantised transformer's recorded
     # source (else the bundled toy), a pipeline directory itself; so a toy trained at another width
     # or in another world is compared with its own teacher, never with the bundled toy
-    ref = resolve(args.model, "toy")
+    ref = resolve(args.model, fallback="toy")
     try:
         toy_dir: Path | None = Path(bundled_path("toy")).resolve()
     except ModelError:

@@ -173,7 +173,7 @@ def world_for(model) -> World:
     if isinstance(model, (str, Path)):
         from ..pipeline import resolve
 
-        pipeline = resolve(str(model), "toy").pipeline
+        pipeline = resolve(str(model), fallback="toy").pipeline
         return world_of(pipeline) if Path(pipeline).is_dir() else DEFAULT_WORLD
     return DEFAULT_WORLD  # a bare transformer module is paired with the bundled toy
 
@@ -195,7 +195,7 @@ def load_model(model: str, naive: bool = False, verify: bool = True):
     from ..pipeline import load_pipeline, load_transformer, resolve
 
     _quiet_loading()
-    ref = resolve(model, "toy")
+    ref = resolve(model, fallback="toy")
     try:
         # kept layers in fp32 like the pipeline diffusers loads (a bf16-stored student would not take its inputs)
         transformer = load_transformer(ref, verify=verify, torch_dtype=torch.float32)
