@@ -70,10 +70,14 @@ def swap(t: torch.Tensor) -> torch.Tensor:
 
 def config_of(path: Path) -> dict[str, Any]:
     """FLUX.1-dev's config.json at the depth and guidance a BFL single file's tensor names show."""
-    from .archs import FLUX_DEV_CONFIG
     from .tensorcheck import read_headers
 
-    found = {n.removeprefix(PREFIX) for n in read_headers([path])}
+    return _config_from({n.removeprefix(PREFIX) for n in read_headers([path])}, path)
+
+
+def _config_from(found: set[str], path: Path) -> dict[str, Any]:
+    from .archs import FLUX_DEV_CONFIG
+
     if not any(n.startswith("double_blocks.") for n in found):
         raise ModelError(f"{path}: not a FLUX transformer in Black Forest Labs' single-file layout (no double_blocks.*)")
     count = lambda p: len({n.split(".")[1] for n in found if n.startswith(p)})  # noqa: E731
@@ -112,10 +116,10 @@ def to_diffusers_dir(path: str | os.PathLike, out_dir: str | os.PathLike, *, sha
     from .tensorcheck import read_headers
 
     path, out = Path(path), Path(out_dir)
-    config = config_of(path)
-    stored = read_headers([path])
+    stored = read_headers([path])  # once: the config and the shard plan both come from it
     prefix = PREFIX if all(n.startswith(PREFIX) for n in stored) else ""
     headers = {n.removeprefix(prefix): h for n, h in stored.items()}
+    config = _config_from(set(headers), path)
     table = names(config["num_layers"], config["num_single_layers"], config["guidance_embeds"])
     unknown = sorted(set(headers) - set(table))
     if unknown:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from .checkpoint import _atomic_write
 
 RECORDED = "calls"  # the store's directory inside a calibration work dir
 INDEX = "index.json"
@@ -63,11 +64,8 @@ class RecordedCalls(Sequence):
 
     def finish(self) -> None:
         """Make the recording visible: the index names every call's batch size and is written last."""
-        tmp = self.path / f".{INDEX}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({"sizes": self._sizes}))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / INDEX)
+        sizes = json.dumps({"sizes": self._sizes})
+        _atomic_write(self.path / INDEX, lambda tmp: tmp.write_text(sizes))
 
     def __len__(self) -> int:
         return len(self._rows)
