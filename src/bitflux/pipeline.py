@@ -61,9 +61,10 @@ def resolve(model: str, base: str | None = None, fallback: str | None = None) ->
                     return ModelRef(src, str(path))
             raise ModelError(f"{model}: a bare quantised transformer needs --base PIPELINE (text encoders, VAE)")
         if (path / "config.json").is_file():
-            if base is None:
+            if (base or fallback) is None:
                 raise ModelError(f"{model}: a transformer directory needs --base PIPELINE (text encoders, VAE)")
-            return ModelRef(base, str(path))
+            src = base or fallback
+            return ModelRef(str(bundled(src) or src), str(path))
         raise ModelError(f"{model}: not a diffusers pipeline or model directory (no model_index.json or config.json)")
     if path.exists():
         raise ModelError(f"{model}: not a directory")

@@ -89,3 +89,32 @@ def test_a_killed_training_run_resumes_to_the_same_pipeline(tmp_path, monkeypatc
         a = load_file(str(next((tmp_path / "whole" / sub).glob("*.safetensors"))))
         b = load_file(str(next((tmp_path / "cut" / sub).glob("*.safetensors"))))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_a_finished_run_copied_and_extended_trains_on(tmp_path):
+    """`extend_to` continues a finished run's checkpoints to more steps (its schedule re-planned);
+    asking for no more steps than trained, or extending without resume, is one clear error."""
+    import json
+    import shutil
+
+    from bitflux.errors import ModelError
+
+    cfg = TrainConfig(minutes=5, n_scenes=16, n_vae_images=16, vae_steps=2, steps=3, decoder_steps=2, vae_batch=2,
+                      batch=2, ckpt_every_s=1e9)
+    train(tmp_path / "short", cfg)
+    shutil.copytree(tmp_path / "short.work", tmp_path / "long.work")
+    with pytest.raises(ModelError, match="not past the 3 steps"):
+        train(tmp_path / "long", cfg, resume=True, extend_to=3)
+    with pytest.raises(ModelError, match="pass --resume"):
+        train(tmp_path / "other", cfg, extend_to=5)
+    train(tmp_path / "long", cfg, resume=True, extend_to=5)
+    state = json.loads((tmp_path / "long.work" / "state.json").read_text())
+    assert state["step"] == 5 and state["total"] == 5 and state["extended_from"] == [3] and len(state["losses"]) == 5
+    short = json.loads((tmp_path / "short.work" / "state.json").read_text())
+    assert state["losses"][:3] == short["losses"]  # the first three steps are the short run's, not retrained
+    a = load_file(str(next((tmp_path / "short" / "transformer").glob("*.safetensors"))))
+    b = load_file(str(next((tmp_path / "long" / "transformer").glob("*.safetensors"))))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    va = load_file(str(next((tmp_path / "short" / "vae").glob("*.safetensors"))))
+    vb = load_file(str(next((tmp_path / "long" / "vae").glob("*.safetensors"))))
+    assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE phase is reused, not redone

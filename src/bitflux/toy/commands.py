@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
         num_single_layers=args.single_blocks,
         generic_words=args.partial_captions > 0,
     )
-    out = train(args.output, cfg, resume=args.resume, model_cfg=model_cfg)
+    out = train(args.output, cfg, resume=args.resume, model_cfg=model_cfg, extend_to=args.extend_to)
     info = (out / "bitflux_toy.json").read_text()
     import json
 
@@ -115,6 +115,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget for all phases (default 58)")
     t.add_argument("--seed", type=int, default=0, help="seed of data, init and batches (default 0)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.work/ checkpoints")
+    t.add_argument(
+        "--extend-to", type=int, default=None, metavar="STEPS",
+        help="with --resume: train the checkpointed run on to STEPS transformer steps, re-planning the cosine "
+        "schedule from the current step (copy a finished run's OUT.work/ to a new OUT.work/ first)",
+    )
     t.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (default 2000)")
     t.add_argument("--steps", type=int, default=None, help="transformer steps (default 12000; 0: as many as fit the budget)")
     t.add_argument(

@@ -258,8 +258,13 @@ def _load_ckpt(path: Path, named, ema: _Ema, opt: torch.optim.Optimizer) -> None
             }
 
 
-def train_flow(pipe: FluxPipeline, z: torch.Tensor, data: ToyData, cfg: TrainConfig, budget_s: float, work: Path) -> dict:
-    """Train transformer + text encoders on cached latents z (N, C, h, w)."""
+def train_flow(
+    pipe: FluxPipeline, z: torch.Tensor, data: ToyData, cfg: TrainConfig, budget_s: float, work: Path, extend_to: int | None = None
+) -> dict:
+    """Train transformer + text encoders on cached latents z (N, C, h, w).
+
+    extend_to: continue a checkpointed run to this many steps; the cosine schedule is re-planned
+    for the new total from the current step on (a warm restart: the learning rate rises again)."""
     named = _trainable(pipe)
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -268,6 +273,13 @@ def train_flow(pipe: FluxPipeline, z: torch.Tensor, data: ToyData, cfg: TrainCon
     if (work / "state.json").exists():
         state = json.loads((work / "state.json").read_text())
         _load_ckpt(work, named, ema, opt)
+    if extend_to is not None:
+        if not state["step"]:
+            raise ModelError(f"nothing to extend: {work} has no transformer checkpoint")
+        if extend_to <= state["step"]:
+            raise ModelError(f"--extend-to {extend_to} is not past the {state['step']} steps already trained")
+        state.setdefault("extended_from", []).append(state["total"])
+        state["total"] = extend_to
     empty_c, empty_t = tokenize(pipe.tokenizer, pipe.tokenizer_2, [""])
     n = z.shape[0]
 
@@ -308,7 +320,7 @@ def train_flow(pipe: FluxPipeline, z: torch.Tensor, data: ToyData, cfg: TrainCon
             last = time.monotonic()
     _save_ckpt(work, named, ema, opt, state)
     ema.copy_to_params()
-    return {"steps": state["step"], "planned_steps": total, "final_loss": sum(state["losses"][-200:]) / max(1, len(state["losses"][-200:]))}
+    return {"steps": state["step"], "planned_steps": total, "extended_from": state.get("extended_from", []), "final_loss": sum(state["losses"][-200:]) / max(1, len(state["losses"][-200:]))}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -350,8 +362,13 @@ def _check_world(work: Path, world: World, resume: bool) -> None:
     _write_json({"name": world.name}, path)
 
 
-def train(out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = False, model_cfg: ToyConfig | None = None) -> Path:
-    """Train the toy pipeline and save it (save_pretrained) to `out`; checkpoints go to `out`.work/."""
+def train(
+    out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = False, model_cfg: ToyConfig | None = None,
+    extend_to: int | None = None,
+) -> Path:
+    """Train the toy pipeline and save it (save_pretrained) to `out`; checkpoints go to `out`.work/.
+
+    extend_to (with resume): train a checkpointed run on to this many transformer steps."""
     out = Path(out)
     work = out.with_name(out.name + ".work")
     world = get_world(cfg.world)
@@ -361,6 +378,8 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = Fals
         raise OutputExistsError(f"{work} exists; pass --resume to continue that run")
     if resume and not work.exists():
         raise ModelError(f"nothing to resume: {work} does not exist")
+    if extend_to is not None and not resume:
+        raise ModelError("extending a run continues its checkpoints: pass --resume too")
     if model_cfg is not None and cfg.partial_captions > 0 and not model_cfg.generic_words:
         raise ModelError("partial captions need a vocabulary with generic words: ToyConfig(generic_words=True)")
     work.mkdir(parents=True, exist_ok=True)
@@ -396,7 +415,7 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), resume: bool = Fals
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.train()
     reserve = 0.6 * cfg.decoder_steps  # seconds kept for the decoder refinement that follows
-    info.update(train_flow(pipe, z, data, cfg, budget - reserve - (time.monotonic() - t0), work))
+    info.update(train_flow(pipe, z, data, cfg, budget - reserve - (time.monotonic() - t0), work, extend_to))
     refined = work / "vae_refined"
     if (refined / "config.json").exists():
         pipe.vae = AutoencoderKL.from_pretrained(refined)
