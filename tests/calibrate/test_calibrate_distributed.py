@@ -107,16 +107,16 @@ def test_two_gloo_processes_equal_one_and_resume_after_a_kill(tmp_path):
     assert set(sizes[0]) == set(sizes[1]) == {"2"}  # each process took half of every global batch of 4
 
 
-def _joint_config():
+def _joint_config(shard: bool = False):
     from bitflux.calibrate import CalibConfig
     from bitflux.calibrate.command import eval_settings
 
     kw, _ = eval_settings("toy")
     return CalibConfig(prompts=2, traj_steps=2, steps=6, batch=4, pipe_kwargs=kw, mode="joint", train="all",
-                       record_batch=2, checkpoint_every=2, on_policy_at=0.5, on_policy_rounds=1)
+                       record_batch=2, checkpoint_every=2, on_policy_at=0.5, on_policy_rounds=1, shard=shard)
 
 
-def _joint(root, work: str, kill_at: int | None = None):
+def _joint(root, work: str, kill_at: int | None = None, shard: bool = False):
     from bitflux.calibrate import calibrate
     from bitflux.toy.build import build_pipeline
 
@@ -127,18 +127,31 @@ def _joint(root, work: str, kill_at: int | None = None):
         if step == kill_at:
             os._exit(17)  # a hard kill of every process right after step `kill_at` (checkpointed at 4)
 
-    model, stats = calibrate(pipe, PROMPTS, _joint_config(), work_dir=root / work, progress=False, on_step=on_step)
+    model, stats = calibrate(pipe, PROMPTS, _joint_config(shard), work_dir=root / work, progress=False, on_step=on_step)
     return model, stats
 
 
-def _joint_worker(rank: int, world: int, port: int, root, work: str, kill_at: int | None) -> None:
+def _joint_worker(rank: int, world: int, port: int, root, work: str, kill_at: int | None, shard: bool = False) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model, stats = _joint(root, work, kill_at)
+    if shard:  # record how much of the student's trainable tensors this process holds
+        from bitflux.calibrate import distributed, joint
+
+        real = distributed.shard_model
+
+        def spy(model):
+            real(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            local = sum(p.to_local().numel() for p in params)
+            (root / f"held-{rank}.txt").write_text(f"{local} {sum(p.numel() for p in params)}")
+            return model
+
+        joint.distributed.shard_model = spy
+    model, stats = _joint(root, work, kill_at, shard)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / f"{work}.safetensors"),
                   metadata={"final_loss": str(stats["final_loss"])})
@@ -146,8 +159,10 @@ def _joint_worker(rank: int, world: int, port: int, root, work: str, kill_at: in
 
 
 @pytest.mark.slow
-def test_joint_mode_on_two_gloo_processes_equals_one_and_resumes_after_a_kill(tmp_path):
-    """Joint calibration, on-policy refresh included: each process takes half of every global batch of 4."""
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp2"])
+def test_joint_mode_on_two_gloo_processes_equals_one_and_resumes_after_a_kill(tmp_path, shard):
+    """Joint calibration, on-policy refresh included: each process takes half of every global batch of 4,
+    holding either a whole student or (FSDP2) half of it and of its Adam state."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -155,9 +170,13 @@ def test_joint_mode_on_two_gloo_processes_equals_one_and_resumes_after_a_kill(tm
     single, stats = _joint(tmp_path, "single")
     single = single.state_dict()
     with pytest.raises(mp.ProcessExitedException):
-        mp.spawn(_joint_worker, args=(2, _port(), tmp_path, "dp", 5), nprocs=2, join=True)
+        mp.spawn(_joint_worker, args=(2, _port(), tmp_path, "dp", 5, shard), nprocs=2, join=True)
     assert [p.name for p in (tmp_path / "dp").glob("state-*")] == ["state-0000004.safetensors"]
-    mp.spawn(_joint_worker, args=(2, _port(), tmp_path, "dp", None), nprocs=2, join=True)
+    mp.spawn(_joint_worker, args=(2, _port(), tmp_path, "dp", None, shard), nprocs=2, join=True)
+    if shard:
+        held = [tuple(map(int, (tmp_path / f"held-{r}.txt").read_text().split())) for r in (0, 1)]
+        assert held[0][1] == held[1][1] and held[0][0] + held[1][0] == held[0][1]  # the halves make the whole
+        assert max(h[0] for h in held) <= 0.55 * held[0][1]  # and neither holds much more than half
     dp = load_file(str(tmp_path / "dp.safetensors"))
     assert dp.keys() == single.keys()
     for k, v in single.items():

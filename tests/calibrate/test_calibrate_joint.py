@@ -222,6 +222,17 @@ def test_on_policy_is_refused_where_it_cannot_work():
         CalibConfig(on_policy_at=0.5, on_policy_rounds=0)
 
 
+def test_sharding_is_refused_in_block_wise_mode(capsys, tmp_path):
+    """FSDP2 sharding is joint mode's, in the config and on the command line (one line, exit 2)."""
+    from bitflux.cli import main
+
+    with pytest.raises(BitfluxError, match="--shard is for joint mode"):
+        CalibConfig(shard=True, mode="blockwise")
+    rc = main(["calibrate", "toy", str(tmp_path / "x"), "--prompts", "toy", "--mode", "blockwise", "--shard"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--shard is for joint mode" in err[0]
+
+
 def test_removed_options_are_gone_from_the_cli_and_the_config(capsys):
     """Options whose ablation rows showed no gain were removed; their rows stay in the record."""
     import json

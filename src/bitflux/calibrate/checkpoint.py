@@ -98,7 +98,8 @@ class WorkDir:
             raise self._error(cfg, "missing") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             raise self._error(cfg, "not a calibration config (garbage JSON)") from None
-        if recorded != self.config.to_dict():
+        layout = ("shard",)  # how the run is spread over processes, not what it computes: a run may resume either way
+        if {k: v for k, v in recorded.items() if k not in layout} != {k: v for k, v in self.config.to_dict().items() if k not in layout}:
             raise CheckpointError(
                 f"{self.path}: resume checkpoint was made with a different calibration config "
                 f"(delete {self.path} to start over, or run with the options it was made with)"
@@ -146,11 +147,18 @@ class WorkDir:
     def save_state(self, student: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float]) -> None:
         """The trainable tensors, Adam state, step and loss history; then drop the older states."""
         params = trainable(student)
-        tensors = {f"param/{n}": p for n, p in params.items()}
+        keep = distributed.is_main()  # a sharded student is gathered tensor by tensor; only rank 0 keeps them
+        tensors = {}
+        for n, p in params.items():
+            full = distributed.gather(p.detach())
+            if keep:
+                tensors[f"param/{n}"] = full
         names = {id(p): n for n, p in params.items()}
         for p, st in opt.state.items():
             for k, v in st.items():
-                tensors[f"opt/{names[id(p)]}/{k}"] = v.reshape(-1) if v.dim() == 0 else v
+                full = distributed.gather(v)
+                if keep:
+                    tensors[f"opt/{names[id(p)]}/{k}"] = full.reshape(-1) if full.dim() == 0 else full
         self.write(f"state-{step:07d}.safetensors", tensors, {"step": step, "losses": losses})
         for old in self._states():
             if old.name != f"state-{step:07d}.safetensors":
@@ -172,12 +180,12 @@ class WorkDir:
             if st:
                 if "step" in st:
                     st["step"] = st["step"].reshape(())
-                opt.state[p] = st
+                opt.state[p] = {k: v if k == "step" else distributed.distribute_like(v, p) for k, v in st.items()}
         return step, [float(v) for v in losses]
 
     # ------------------------------------------------------------------ on-policy snapshots
     def save_snapshot(self, k: int, student: nn.Module) -> None:
-        self.write(f"on_policy-{k}.safetensors", trainable(student), {"refresh": k})
+        self.write(f"on_policy-{k}.safetensors", gathered(student), {"refresh": k})
 
     def load_snapshot(self, k: int, student: nn.Module) -> None:
         tensors, _ = self.read(f"on_policy-{k}.safetensors", set(trainable(student)))
@@ -185,7 +193,12 @@ class WorkDir:
 
 
 def load_params(student: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Copy `prefix + name` tensors into the student's trainable parameters."""
+    """Copy `prefix + name` tensors into the student's trainable parameters (this process's part if sharded)."""
     with torch.no_grad():
         for n, p in trainable(student).items():
-            p.copy_(tensors[prefix + n])
+            p.copy_(distributed.distribute_like(tensors[prefix + n], p))
+
+
+def gathered(student: nn.Module) -> dict[str, torch.Tensor]:
+    """The student's trainable tensors, whole on every process (a collective when the student is sharded)."""
+    return {n: distributed.gather(p.detach()) for n, p in trainable(student).items()}

@@ -107,6 +107,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         on_policy_rounds=args.on_policy_rounds,
         checkpoint_every=args.checkpoint_every,
         pipe_kwargs=pipe_kwargs,
+        shard=args.shard,
     )
     if out.exists():
         stats = _finished(out, config) if work.exists() else None
@@ -266,6 +267,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, help="image height of the teacher trajectories (default: toy's eval size, else 1024)")
     p.add_argument("--width", type=int, help="image width (default: toy's eval size, else 1024)")
     p.add_argument("--device", default="cpu", help="torch device that trains (and, block-wise, holds the current block)")
+    p.add_argument("--shard", action="store_true", help="joint mode under torchrun: shard the student and its "
+                   "Adam state over the processes with FSDP2 (each holds 1/N), instead of a whole copy on each")
     p.add_argument("--grad-checkpoint", action="store_true", help="block-wise: recompute each child of the trained "
                    "block in backward (less memory, more time)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")

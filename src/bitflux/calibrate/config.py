@@ -71,6 +71,7 @@ class CalibConfig:
     on_policy_at: float = 0.0  # joint: after this share of the steps, the states the student itself
     # visits (same prompts and noise, teacher targets) join the pool; 0: teacher states only
     on_policy_rounds: int = 1  # on-policy refreshes, evenly spaced from on_policy_at to the end (DAgger)
+    shard: bool = False  # joint under torch.distributed: FSDP2 shards the student and its Adam state (1/N each)
 
     def on_policy_steps(self) -> list[int]:
         """The steps at which student-visited states join the pool (empty: never)."""
@@ -101,6 +102,8 @@ class CalibConfig:
             raise BitfluxError(f"on_policy_rounds must be >= 1, got {self.on_policy_rounds}")
         if self.train is TrainWhat.FULL and self.mode is Mode.BLOCKWISE:
             raise BitfluxError("--train full needs joint mode (the kept layers lie outside the blocks)")
+        if self.shard and self.mode is Mode.BLOCKWISE:
+            raise BitfluxError("--shard is for joint mode (block-wise training already holds one block at a time)")
         if self.on_policy_at > 0 and self.mode is Mode.BLOCKWISE:
             raise BitfluxError("on-policy states need joint mode (block-wise training has no whole student to sample with)")
 

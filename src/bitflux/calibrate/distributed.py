@@ -8,6 +8,12 @@ its samples contribute over the global denominator; summing the gradients over p
 (`all_reduce_grads`) then gives exactly the single-process gradient of the same global batch, up
 to float summation order. Only rank 0 writes checkpoints; `barrier` keeps the others in step.
 Without an initialised process group every helper is the single-process no-op.
+
+Joint mode with `shard=True` puts the student on FSDP2 instead (`shard_model`): each process holds
+1/N of every student tensor and of its Adam state, whole blocks are gathered only while they run,
+and the gradients are reduce-scattered (averaged, so each loss share is scaled by the number of
+processes first). Checkpoints gather one tensor at a time (`gather`); rank 0 writes them, and a resumed run
+scatters them back (`distribute_like`).
 """
 
 from __future__ import annotations
@@ -85,3 +91,43 @@ def sharded_block_loss(s_out: tuple[torch.Tensor, ...], t_out: tuple[torch.Tenso
 
 def _global_numel(t: torch.Tensor) -> float:
     return float(all_reduce_sum(torch.tensor(float(t.numel()))).item())
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Put a FLUX-like transformer on FSDP2: each block, then the rest, sharded over all processes.
+
+    FSDP2 averages the gradients over processes; the caller scales its loss share by `world()`
+    (`sharded_block_loss` shares add up to the global loss), so the result is their sum. Gloo has
+    no pre-multiplied sum to ask FSDP2 for that directly."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    # diffusers' blocks return views; FSDP2 warns in case a caller edits them in place (none does:
+    # the two-process test equals one process)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(model, name, []):
+            fully_shard(block, reshard_after_forward=True)
+    fully_shard(model)
+    return model
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) one, on every process (a collective); others as they are."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def distribute_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` cut the way `like` is sharded (this process's part, as a DTensor); `full` itself if `like` is plain."""
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements)

@@ -6,7 +6,8 @@ hidden states). On-policy refreshes add the states the student itself visits (DA
 Every `checkpoint_every` steps the trainable tensors, the optimiser state and the step are saved,
 so a killed and re-run calibration ends bit-identical to an uninterrupted one. Under
 torch.distributed each process takes its share of every global batch and the gradients are summed
-(distributed.py): the student is replicated, so each process holds the whole model.
+(distributed.py): the student is replicated, so each process holds the whole model, or, with
+`config.shard`, put on FSDP2 so each holds 1/N of it and of its Adam state (the teacher stays whole).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import BitfluxError
 from . import distributed
-from .checkpoint import WorkDir
+from .checkpoint import WorkDir, gathered, load_params
 from .config import CalibConfig, LossKind
 from .losses import cosine_lr, nmse
 from .states import batch_calls
@@ -63,6 +64,9 @@ def train(
     """
     student = build_student(teacher, config)
     teacher = teacher.eval()
+    sharded = config.shard and distributed.active()
+    if sharded:
+        distributed.shard_model(student)
     params = trainable(student)
     opt = torch.optim.Adam(list(params.values()), lr=config.lr)
     start, losses = work.load_state(student, opt) if work is not None else (0, [])
@@ -101,8 +105,9 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(config.lr, step, config.steps)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.all_reduce_grads(list(params.values()))  # the global batch's gradient
+            (loss * distributed.world() if sharded else loss).backward()  # FSDP2 averages: undo it
+            if not sharded:  # FSDP2 reduce-scatters the summed gradients itself
+                distributed.all_reduce_grads(list(params.values()))  # the global batch's gradient
             opt.step()
             losses.append(distributed.all_reduce_sum(loss.detach().clone()).item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -114,4 +119,8 @@ def train(
     finally:
         for h in handles:
             h.remove()
+    if sharded:  # a whole, unsharded student for finalize (every process; the weights gathered once)
+        whole = build_student(teacher, config)
+        load_params(whole, gathered(student))
+        student = whole
     return student, losses
