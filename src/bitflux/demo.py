@@ -26,7 +26,7 @@ PROMPTS = [
     "three purple circles",
 ]
 COLUMN_NOTES = {  # what each column of out/demo.png is, printed after it is written
-    "full precision": "the bundled fp32 toy FLUX transformer (the reference)",
+    "full precision": "the bundled toy FLUX transformer, stored in bf16 and run in fp32 (the reference)",
     "naive 1.58-bit": "the same weights ternarised per row (absmean), packed 2bit, saved and reloaded; no calibration",
     "calibrated 1.58-bit": "the bundled toy-1.58bit, calibrated without image data (same packed size)",
 }
