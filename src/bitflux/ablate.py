@@ -29,7 +29,7 @@ def default_rows(base: CalibConfig) -> list[tuple[str, CalibConfig | str]]:
     else:
         flip_policy = ("on-policy states at 50%", replace(base, on_policy_at=0.5))
     # Rows of options that were tried and removed (guided / CFG-difference / gain losses, CFG
-    # targets, time weights, text-token mixing, rollout steps) stay in bench/results/ablations-toy.json.
+    # targets, time weights, text-token mixing, rollout steps) stay in bench/results/ablations-toy128.json (the 128-wide toy).
     return [
         ("naive absmean", "absmean"),
         ("naive twn", "twn"),

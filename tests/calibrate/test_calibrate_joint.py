@@ -246,6 +246,17 @@ def test_removed_options_are_gone_from_the_cli_and_the_config(capsys):
     for name in ("cond_mix", "time_weight", "rollout_steps", "diff_weight", "gain_weight", "diff_scale", "guided_weight", "ema"):
         with pytest.raises(TypeError):
             CalibConfig(**{name: 1})
-    record = Path(__file__).parents[2] / "bench" / "results" / "ablations-toy.json"
+    record = Path(__file__).parents[2] / "bench" / "results" / "ablations-toy128.json"
     if record.exists():  # the research record keeps the measured rows
         assert "text-token mixing 25%" in {r["row"] for r in json.loads(record.read_text())}
+
+
+def test_a_work_dir_resumes_sharded_or_not_but_not_with_other_settings(tmp_path):
+    """`shard` only spreads a run over processes (the checkpoint files are the same), so it is not
+    part of the config a resume must match; any setting that changes the result is."""
+    from bitflux.calibrate.checkpoint import WorkDir
+
+    WorkDir(tmp_path / "w", CalibConfig(shard=True))
+    WorkDir(tmp_path / "w", CalibConfig(shard=False))  # no error
+    with pytest.raises(CheckpointError, match="different calibration config"):
+        WorkDir(tmp_path / "w", CalibConfig(shard=True, lr=1e-4))

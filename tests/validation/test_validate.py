@@ -49,7 +49,7 @@ def test_the_bundled_configs_pass():
         ({"num_attention_heads": 0}, "num_attention_heads"),
         ({"attention_head_dim": 1_000_000}, "attention_head_dim"),
         ({"num_attention_heads": 4000, "attention_head_dim": 32}, "wider than any FLUX model"),
-        ({"axes_dims_rope": [8, 8, 8]}, "sums to 24, but attention_head_dim is 32"),
+        ({"axes_dims_rope": [8, 8, 8]}, f"sums to 24, but attention_head_dim is {TOY_Q['attention_head_dim']}"),
         ({"axes_dims_rope": [8, 12]}, "axes_dims_rope must be"),
         ({"axes_dims_rope": [8, 11, 13]}, "3 positive even integers"),
         ({"axes_dims_rope": [0, 16, 16]}, "3 positive even integers"),

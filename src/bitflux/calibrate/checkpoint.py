@@ -98,8 +98,11 @@ class WorkDir:
             raise self._error(cfg, "missing") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             raise self._error(cfg, "not a calibration config (garbage JSON)") from None
-        layout = ("shard",)  # how the run is spread over processes, not what it computes: a run may resume either way
-        if {k: v for k, v in recorded.items() if k not in layout} != {k: v for k, v in self.config.to_dict().items() if k not in layout}:
+
+        def computed(cfg: dict) -> dict:  # `shard` is how a run is spread over processes, not what it computes
+            return {k: v for k, v in cfg.items() if k != "shard"}
+
+        if computed(recorded) != computed(self.config.to_dict()):
             raise CheckpointError(
                 f"{self.path}: resume checkpoint was made with a different calibration config "
                 f"(delete {self.path} to start over, or run with the options it was made with)"

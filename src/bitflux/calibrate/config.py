@@ -3,7 +3,7 @@
 The whole config is recorded in every checkpoint, so a resume with other options is refused.
 Options tried on the toy and not adopted (guided, CFG-difference and gain losses, extrapolated
 CFG targets, time weights, text-token mixing, rollout steps, EMA, fresh on-policy noise) were
-removed; their measured rows stay in `bench/results/ablations-toy.json` and docs/.
+removed; their measured rows stay in `bench/results/ablations-toy128.json` and docs/.
 """
 
 from __future__ import annotations
