@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     toy_pipe = load_model("toy")
     toy_pipe.set_progress_bar_config(disable=True)
     inputs = _captured_inputs(toy_pipe)
-    tern = load(bundled_path("toy-1.58bit"))
+    tern = load(bundled_path("toy-1.58bit"), torch_dtype=torch.float32)  # fp32 kept layers, like the pipeline
     stored = tern.bitflux_config.activations.value
     x = inputs["hidden_states"]
     resolved = resolve_act(x, PackFormat(tern.bitflux_config.format), ActPrecision.AUTO).value
