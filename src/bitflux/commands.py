@@ -78,10 +78,7 @@ def _generate(args: argparse.Namespace) -> int:
     patch = _patch_pixels(ref.pipeline)
     argtypes.check_multiple("height", args.height, patch)
     argtypes.check_multiple("width", args.width, patch)
-    # kept layers in fp32, the dtype the pipeline around it loads in (a bf16-stored model would not take its inputs)
-    transformer = load_transformer(
-        ref, activations=args.activations, backend=args.backend, verify=not args.no_verify, torch_dtype=torch.float32
-    )
+    transformer = load_transformer(ref, activations=args.activations, backend=args.backend, verify=not args.no_verify)
     pipe = load_pipeline(ref, transformer)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -74,10 +74,14 @@ def resolve(model: str, base: str | None = None, fallback: str | None = None) ->
 
 
 def load_transformer(ref: ModelRef, **load_kwargs) -> nn.Module | None:
-    """The bitflux transformer named by `ref`, if any (plain transformers load with the pipeline)."""
+    """The bitflux transformer named by `ref`, if any (plain transformers load with the pipeline).
+
+    Its kept layers load in fp32 unless `torch_dtype` says otherwise: the dtype `load_pipeline`
+    loads the rest of the pipeline in, so a bf16-stored model takes the pipeline's inputs."""
     if ref.transformer is None:
         return None
     if is_bitflux_dir(ref.transformer):
+        load_kwargs.setdefault("torch_dtype", torch.float32)
         return load(ref.transformer, **load_kwargs)
     from diffusers import FluxTransformer2DModel
 

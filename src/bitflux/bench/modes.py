@@ -74,18 +74,18 @@ def _best_ms(fns: dict[str, Any], iters: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from .. import load, set_activations
+    from .. import set_activations
     from ..eval.runner import evaluate, load_model, load_prompts, public
     from ..kernels import resolve_act
     from ..config import PackFormat, ActPrecision
-    from ..toy import bundled_path
+    from ..pipeline import load_transformer, resolve
 
     if args.threads:
         torch.set_num_threads(args.threads)
     toy_pipe = load_model("toy")
     toy_pipe.set_progress_bar_config(disable=True)
     inputs = _captured_inputs(toy_pipe)
-    tern = load(bundled_path("toy-1.58bit"), torch_dtype=torch.float32)  # fp32 kept layers, like the pipeline
+    tern = load_transformer(resolve("toy-1.58bit"))
     stored = tern.bitflux_config.activations.value
     x = inputs["hidden_states"]
     resolved = resolve_act(x, PackFormat(tern.bitflux_config.format), ActPrecision.AUTO).value

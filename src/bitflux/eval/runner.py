@@ -197,8 +197,7 @@ def load_model(model: str, naive: bool = False, verify: bool = True):
     _quiet_loading()
     ref = resolve(model, fallback="toy")
     try:
-        # kept layers in fp32 like the pipeline diffusers loads (a bf16-stored student would not take its inputs)
-        transformer = load_transformer(ref, verify=verify, torch_dtype=torch.float32)
+        transformer = load_transformer(ref, verify=verify)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load transformer {ref.transformer}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if naive:
