@@ -32,6 +32,10 @@ def test_calibrate_scale_runs_at_reduced_size_and_writes_json(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert printed["json"] == str(out) and r["blocks"] == 3 and r["recorded_calls"] == 2 * 2
     assert len(r["block_step_seconds"]) == 3  # one timed step (the second) per block
+    assert len(r["block_seconds"]) == 3 and set(r["block_seconds_by_kind"]) == {"double", "single"}
+    # a block's wall time holds its two steps and more
+    assert all(b > s for b, s in zip(r["block_seconds"], r["block_step_seconds"]))
+    assert r["blocks_seconds_total"] <= r["total_seconds"] - r["record_seconds"] + 0.2
     assert r["peak_rss_gb"] > 0 and r["teacher_bytes"] > 0 and r["ternary_linears"] > 0
     p = r["projection"]
     assert p["flops"]["total"] == sum(v for k, v in p["flops"].items() if k != "total")
@@ -49,3 +53,16 @@ def test_flop_count_matches_the_linear_layers_of_a_flux_dev_double_block():
     assert abs(f["double_forward"] - expected) / expected < 0.01
     assert 2.5 < f["double_train_step"] / f["double_forward"] < 3.5  # backward ~ 2x forward
     assert f["model_forward"] == 19 * f["double_forward"] + 38 * f["single_forward"]
+
+
+def test_one_step_per_block_still_times_each_block(tmp_path):
+    """--steps-per-block 1 (the full-depth run) cannot time a lone step, but every block's wall time is measured."""
+    model = _tiny_flux_dir(tmp_path / "tiny")
+    out = tmp_path / "r.json"
+    rc = main(["bench", "--parts", "calibrate-scale", "--model", str(model), "--size", "64", "--text-len", "8",
+               "--steps-per-block", "1", "--threads", "1", "--out", str(out), "--json"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["block_step_seconds"] == [] and r["block_step_seconds_mean"] is None
+    assert len(r["block_seconds"]) == 3 and all(t > 0 for t in r["block_seconds"])
+    assert "not timed" in calibrate_scale._table(r)

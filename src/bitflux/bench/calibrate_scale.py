@@ -187,6 +187,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - t0
     per = args.steps_per_block
     step_s = [b - a for (i, _, a), (j, _, b) in zip(stamps, stamps[1:]) if (i - 1) // per == (j - 1) // per]
+    # wall time of each block, from the end of the one before (the first: from the end of recording):
+    # teacher-block load, pool propagation, its optimiser steps, finalize and the block's checkpoint
+    ends = [t0 + stats["record_seconds"]] + [t for i, _, t in stamps if i % per == 0]
+    block_s = [b - a for a, b in zip(ends, ends[1:])]
     flops = block_flops(config, args.size, args.text_len)
     ternary = sum(1 for _ in model.modules() if type(_).__name__ == "TernaryLinear")
     teacher_gb = _dir_bytes(model_dir) / 1e9
@@ -200,6 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (args.project_layers * mean["double"] + args.project_single_layers * mean["single"]) * per / 3600
         if len(mean) == 2 else None
     )
+    block_by_kind = {k: [t for t, kk in zip(block_s, kinds) if kk == k] for k in ("double", "single")}
+    block_mean = {k: sum(v) / len(v) for k, v in block_by_kind.items() if v}
     result = {
         "part": "calibrate-scale",
         "model": str(model_dir), "blocks": n_blocks, "double": config["num_layers"], "single": config["num_single_layers"],
@@ -213,6 +219,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "block_step_seconds": [round(x, 3) for x in step_s],
         "teacher_block_forward_seconds": round(teacher_block_s, 3),
         "block_step_seconds_by_kind": {k: round(v, 3) for k, v in mean.items()},
+        "block_seconds": [round(x, 3) for x in block_s],
+        "block_seconds_by_kind": {k: round(v, 3) for k, v in block_mean.items()},
+        "blocks_seconds_total": round(sum(block_s), 1),
         "full_depth_train_hours_here": round(full_depth_train_h, 2) if full_depth_train_h else None,
         "block_step_vs_teacher_block_forward": round(step_mean / teacher_block_s, 2) if step_mean else None,
         "flops_per_sample_at_size": flops,
@@ -230,7 +239,10 @@ def _table(r: dict[str, Any]) -> str:
         ("model", f"{r['double']} double + {r['single']} single blocks, {r['teacher_bf16_gb']:.2f} GB bf16 on disk"),
         ("resolution / pool", f"{r['size']}² / {r['recorded_calls']} recorded states, {r['steps_per_block']} steps per block"),
         ("peak RSS", f"{r['peak_rss_gb']:.2f} GB = {r['peak_rss_vs_teacher']:.3f}x the bf16 teacher"),
-        ("time per block-step", f"{r['block_step_seconds_mean']} s = {r['block_step_vs_teacher_block_forward']}x one teacher-block forward ({r['teacher_block_forward_seconds']} s)"),
+        ("time per block-step", f"{r['block_step_seconds_mean']} s = {r['block_step_vs_teacher_block_forward']}x one teacher-block forward ({r['teacher_block_forward_seconds']} s)"
+         if r["block_step_seconds_mean"] else "not timed (needs --steps-per-block >= 2)"),
+        ("time per block (all of it)", ", ".join(f"{k} {v} s" for k, v in r["block_seconds_by_kind"].items())
+         + f"; {r['blocks_seconds_total']} s for {r['blocks']} blocks"),
         ("recording / total", f"{r['record_seconds']} s / {r['total_seconds']} s"),
         ("projected FLOPs", f"{p['flops']['total']:.3e} (record {p['flops']['record']:.2e}, pool {p['flops']['pool_passes']:.2e}, train {p['flops']['train']:.2e})"),
         ("train steps, full depth, here", f"{r['full_depth_train_hours_here']} h ({r['steps_per_block']} steps per block at {r['size']}²)"),
