@@ -245,7 +245,8 @@ def _table(r: dict[str, Any]) -> str:
          + f"; {r['blocks_seconds_total']} s for {r['blocks']} blocks"),
         ("recording / total", f"{r['record_seconds']} s / {r['total_seconds']} s"),
         ("projected FLOPs", f"{p['flops']['total']:.3e} (record {p['flops']['record']:.2e}, pool {p['flops']['pool_passes']:.2e}, train {p['flops']['train']:.2e})"),
-        ("train steps, full depth, here", f"{r['full_depth_train_hours_here']} h ({r['steps_per_block']} steps per block at {r['size']}²)"),
+        ("train steps, full depth, here", f"{r['full_depth_train_hours_here']} h ({r['steps_per_block']} steps per block at {r['size']}²)"
+         if r["full_depth_train_hours_here"] is not None else "not timed (needs --steps-per-block >= 2)"),
         ("projected H100-hours", f"{p['h100_hours']:.1f} at MFU {p['assumptions']['mfu']} ({p['assumptions']['prompts']} prompts at {p['assumptions']['size']}², {sum(p['assumptions']['blocks'])} blocks)"),
     ]
     w = max(len(a) for a, _ in rows)
