@@ -78,14 +78,21 @@ def dense(tmp_path_factory):
     return write_random_flux(tmp_path_factory.mktemp("real") / "dense", num_layers=1, num_single_layers=1, shard_bytes=SHARD)
 
 
-def test_single_file_in_bfl_layout_quantises_like_the_sharded_dir(dense, tmp_path):
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory):
+    """The same model in BFL's one-file layout (1.09 GB), written once; the tests only read it."""
+    from bitflux.bench.synth import write_random_flux_single_file
+
+    return write_random_flux_single_file(tmp_path_factory.mktemp("real1") / "flux1-dev-1+1.safetensors",
+                                         num_layers=1, num_single_layers=1)
+
+
+def test_single_file_in_bfl_layout_quantises_like_the_sharded_dir(dense, single_file):
     """BFL's one-file layout (fused qkv, linear1/linear2) through from_single_file, config derived offline."""
     import bitflux
-    from bitflux.bench.synth import write_random_flux_single_file
     from bitflux.sources import quantize_from
 
-    f = write_random_flux_single_file(tmp_path / "flux1-dev-1+1.safetensors", num_layers=1, num_single_layers=1)
-    a = quantize_from(str(f), bitflux.QuantConfig()).state_dict()
+    a = quantize_from(str(single_file), bitflux.QuantConfig()).state_dict()
     b = quantize_from(str(dense), bitflux.QuantConfig()).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -117,13 +124,12 @@ def test_real_width_quantise_load_save_stay_near_packed_size(dense, tmp_path):
     print(f"dense {dense/1e6:.0f} MB, packed {packed/1e6:.0f} MB: peak growth quantise {grow_q/1e6:.0f} MB, load {grow_l/1e6:.0f} MB, save {grow_s/1e6:.0f} MB")
 
 
-def test_real_width_single_file_quantise_stays_near_packed_size(tmp_path):
+def test_real_width_single_file_quantise_stays_near_packed_size(single_file, tmp_path):
     """The BFL single file is rewritten shard by shard (bfl.SHARD_BYTES) and quantised as a directory:
     its peak growth is bounded like the directory's plus one conversion shard, never the whole file."""
-    from bitflux.bench.synth import write_random_flux_single_file
     from bitflux.bfl import SHARD_BYTES
 
-    f = write_random_flux_single_file(tmp_path / "flux1-dev-1+1.safetensors", num_layers=1, num_single_layers=1)
+    f = single_file
     size, largest = _bytes([f])
     q = tmp_path / "q"
     tmp = tmp_path / "tmpdir"
@@ -175,16 +181,14 @@ def test_kohya_and_bfl_prefixed_loras_land_on_the_real_width_ternary_layers(dens
         assert (got - base - delta).abs().max() <= 1e-2 * delta.abs().max(), layer
 
 
-def test_streamed_bfl_conversion_equals_the_sharded_dir_tensor_for_tensor(dense, tmp_path):
+def test_streamed_bfl_conversion_equals_the_sharded_dir_tensor_for_tensor(dense, single_file, tmp_path):
     """bfl.to_diffusers_dir (the low-memory single-file path) splits and renames exactly."""
     from safetensors.torch import load_file
 
-    from bitflux.bench.synth import write_random_flux_single_file
     from bitflux.bfl import to_diffusers_dir
 
-    f = write_random_flux_single_file(tmp_path / "one.safetensors", num_layers=1, num_single_layers=1)
     seen = []
-    out = to_diffusers_dir(f, tmp_path / "conv", shard_bytes=200_000_000, progress=seen.append)
+    out = to_diffusers_dir(single_file, tmp_path / "conv", shard_bytes=200_000_000, progress=seen.append)
     assert len(list(out.glob("*.safetensors"))) == len(seen) > 1  # really sharded, one call per shard
     want = {}
     for p in sorted(dense.glob("*.safetensors")):
