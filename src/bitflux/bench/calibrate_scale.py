@@ -138,6 +138,14 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+def _mean_by_kind(times: list[float], kinds: list[str]) -> dict[str, float]:
+    """Mean of the per-block `times` for each block kind that has any (times[i] belongs to kinds[i])."""
+    groups: dict[str, list[float]] = {}
+    for t, k in zip(times, kinds):
+        groups.setdefault(k, []).append(t)
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Calibrate the model block-wise with sequential onloading; measure memory, time and FLOPs."""
     from ..calibrate import CalibConfig
@@ -193,25 +201,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     block_s = [b - a for a, b in zip(ends, ends[1:])]
     flops = block_flops(config, args.size, args.text_len)
     ternary = sum(1 for _ in model.modules() if type(_).__name__ == "TernaryLinear")
-    teacher_gb = _dir_bytes(model_dir) / 1e9
+    teacher_bytes = _dir_bytes(model_dir)
+    teacher_gb = teacher_bytes / 1e9
     peak = _rss_gb()
     step_mean = sum(step_s) / len(step_s) if step_s else None
     # this machine, full depth, at the bench size: the measured step of each block kind times its count
     kinds = ["double"] * config["num_layers"] + ["single"] * config["num_single_layers"]
-    by_kind = {k: [t for t, kk in zip(step_s, kinds) if kk == k] for k in ("double", "single")}
-    mean = {k: sum(v) / len(v) for k, v in by_kind.items() if v}
+    mean = _mean_by_kind(step_s, kinds)
     full_depth_train_h = (
         (args.project_layers * mean["double"] + args.project_single_layers * mean["single"]) * per / 3600
         if len(mean) == 2 else None
     )
-    block_by_kind = {k: [t for t, kk in zip(block_s, kinds) if kk == k] for k in ("double", "single")}
-    block_mean = {k: sum(v) / len(v) for k, v in block_by_kind.items() if v}
+    block_mean = _mean_by_kind(block_s, kinds)
     result = {
         "part": "calibrate-scale",
         "model": str(model_dir), "blocks": n_blocks, "double": config["num_layers"], "single": config["num_single_layers"],
         "size": args.size, "prompts": args.prompts, "traj_steps": args.traj_steps, "recorded_calls": stats["recorded_calls"],
         "steps_per_block": per, "batch": args.batch, "train": args.train, "grad_checkpoint": not args.no_grad_checkpoint,
-        "teacher_bytes": _dir_bytes(model_dir), "teacher_bf16_gb": round(teacher_gb, 6),
+        "teacher_bytes": teacher_bytes, "teacher_bf16_gb": round(teacher_gb, 6),
         "peak_rss_gb": round(peak, 3), "rss_before_model_gb": round(rss_start, 3),
         "peak_rss_vs_teacher": round(peak / teacher_gb, 4),
         "record_seconds": stats["record_seconds"], "total_seconds": round(wall, 1),
@@ -235,18 +242,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _table(r: dict[str, Any]) -> str:
     p = r["projection"]
+    untimed = "not timed (needs --steps-per-block >= 2)"
     rows = [
         ("model", f"{r['double']} double + {r['single']} single blocks, {r['teacher_bf16_gb']:.2f} GB bf16 on disk"),
         ("resolution / pool", f"{r['size']}² / {r['recorded_calls']} recorded states, {r['steps_per_block']} steps per block"),
         ("peak RSS", f"{r['peak_rss_gb']:.2f} GB = {r['peak_rss_vs_teacher']:.3f}x the bf16 teacher"),
         ("time per block-step", f"{r['block_step_seconds_mean']} s = {r['block_step_vs_teacher_block_forward']}x one teacher-block forward ({r['teacher_block_forward_seconds']} s)"
-         if r["block_step_seconds_mean"] else "not timed (needs --steps-per-block >= 2)"),
+         if r["block_step_seconds_mean"] else untimed),
         ("time per block (all of it)", ", ".join(f"{k} {v} s" for k, v in r["block_seconds_by_kind"].items())
          + f"; {r['blocks_seconds_total']} s for {r['blocks']} blocks"),
         ("recording / total", f"{r['record_seconds']} s / {r['total_seconds']} s"),
         ("projected FLOPs", f"{p['flops']['total']:.3e} (record {p['flops']['record']:.2e}, pool {p['flops']['pool_passes']:.2e}, train {p['flops']['train']:.2e})"),
         ("train steps, full depth, here", f"{r['full_depth_train_hours_here']} h ({r['steps_per_block']} steps per block at {r['size']}²)"
-         if r["full_depth_train_hours_here"] is not None else "not timed (needs --steps-per-block >= 2)"),
+         if r["full_depth_train_hours_here"] is not None else untimed),
         ("projected H100-hours", f"{p['h100_hours']:.1f} at MFU {p['assumptions']['mfu']} ({p['assumptions']['prompts']} prompts at {p['assumptions']['size']}², {sum(p['assumptions']['blocks'])} blocks)"),
     ]
     w = max(len(a) for a, _ in rows)
